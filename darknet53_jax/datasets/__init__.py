@@ -1,0 +1,3 @@
+"""tensorflow-datasets builders shipped with the project (registered on import)."""
+
+from darknet53_jax.datasets import sklearn_digits  # noqa: F401

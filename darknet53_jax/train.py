@@ -1,0 +1,184 @@
+"""Train state and the data-parallel train and eval steps (no TensorFlow).
+
+Both steps run under ``jax.shard_map`` over a one-axis mesh named ``data``:
+each device sees its slice of the global batch, gradients are averaged across
+the axis, and BatchNorm batch statistics are either synchronised across the
+axis (``config.sync_batch_norm``, so N devices compute exactly what one device
+would on the same global batch) or per device and averaged after the step.
+"""
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax.training import dynamic_scale as dynamic_scale_lib
+from flax.training import train_state
+from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from darknet53_jax import model as model_lib
+from darknet53_jax import optim
+
+DATA_AXIS = 'data'
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16,
+          'float16': jnp.float16}
+
+
+class TrainState(train_state.TrainState):
+  """Params, optimiser state and step, plus BatchNorm statistics and the
+  float16 loss scale (``None`` for float32 and bfloat16)."""
+  batch_stats: Any = None
+  dynamic_scale: dynamic_scale_lib.DynamicScale | None = None
+
+
+def create_mesh(devices=None) -> Mesh:
+  """A one-axis ``data`` mesh over all (or the given) devices."""
+  devices = jax.devices() if devices is None else devices
+  return jax.make_mesh((len(devices),), (DATA_AXIS,), devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def compute_dtype(config: ml_collections.ConfigDict):
+  if config.dtype not in DTYPES:
+    raise ValueError(f'config.dtype={config.dtype!r} is not one of '
+                     f'{sorted(DTYPES)}.')
+  return DTYPES[config.dtype]
+
+
+def create_model(config: ml_collections.ConfigDict,
+                 num_classes: int) -> model_lib.Darknet53:
+  """The Darknet-53 that ``config.model`` describes."""
+  m = config.model
+  return model_lib.Darknet53(
+      num_classes=num_classes, activation=m.activation,
+      negative_slope=m.negative_slope, width_multiplier=m.width_multiplier,
+      stage_depths=tuple(m.stage_depths), dtype=compute_dtype(config),
+      bn_momentum=m.bn_momentum, bn_epsilon=m.bn_epsilon,
+      bn_axis_name=DATA_AXIS if config.sync_batch_norm else None)
+
+
+def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict,
+                       model: model_lib.Darknet53,
+                       tx: optax.GradientTransformation) -> TrainState:
+  """Initialises the variables, optimiser and (for float16) the loss scale."""
+  size = config.train_size
+  variables = model.init(rng, jnp.zeros((1, size, size, 3), jnp.float32),
+                         train=False)
+  scale = None
+  if config.dtype == 'float16':
+    scale = dynamic_scale_lib.DynamicScale(
+        growth_factor=2.0, backoff_factor=0.5,
+        growth_interval=config.loss_scale_growth_interval,
+        scale=jnp.asarray(config.loss_scale, jnp.float32))
+  return TrainState.create(
+      apply_fn=model.apply, params=variables['params'],
+      batch_stats=variables['batch_stats'], tx=tx, dynamic_scale=scale)
+
+
+def create_replicated_train_state(rng, config, model, tx, mesh) -> TrainState:
+  """``create_train_state``, jitted and replicated over the mesh."""
+  init = functools.partial(create_train_state, config=config, model=model,
+                           tx=tx)
+  return jax.jit(init, out_shardings=NamedSharding(mesh, P()))(rng)
+
+
+def train_step(state: TrainState, batch, *, learning_rate_fn,
+               label_smoothing: float, sync_batch_norm: bool):
+  """One SGD step on this device's slice of the global batch.
+
+  A step whose gradients are not finite changes no parameter, statistic or
+  optimiser state (only ``step`` and the loss scale move), and reports
+  ``finite = 0``.
+  """
+  def loss_fn(params):
+    logits, updates = state.apply_fn(
+        {'params': params, 'batch_stats': state.batch_stats},
+        batch['image'], train=True, mutable=['batch_stats'])
+    loss = optim.cross_entropy(logits, batch['label'], label_smoothing).mean()
+    return loss, (logits, updates['batch_stats'])
+
+  metrics = {}
+  if state.dynamic_scale is not None:
+    grad_fn = state.dynamic_scale.value_and_grad(
+        loss_fn, has_aux=True, axis_name=DATA_AXIS)
+    new_scale, finite, (loss, (logits, batch_stats)), grads = grad_fn(
+        state.params)
+    metrics['loss_scale'] = new_scale.scale
+  else:
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
+    grads = lax.pmean(grads, DATA_AXIS)
+    new_scale = None
+  if not sync_batch_norm:
+    batch_stats = lax.pmean(batch_stats, DATA_AXIS)
+  loss = lax.pmean(loss, DATA_AXIS)
+  finite = jnp.isfinite(loss)
+  for g in jax.tree.leaves(grads):
+    finite &= jnp.all(jnp.isfinite(g))
+
+  updated = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  keep = lambda new, old: jnp.where(finite, new, old)
+  new_state = updated.replace(
+      params=jax.tree.map(keep, updated.params, state.params),
+      batch_stats=jax.tree.map(keep, updated.batch_stats, state.batch_stats),
+      opt_state=jax.tree.map(keep, updated.opt_state, state.opt_state),
+      dynamic_scale=new_scale)
+
+  top1 = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
+  metrics.update(
+      loss=loss, top1=lax.pmean(top1, DATA_AXIS),
+      learning_rate=learning_rate_fn(state.step),
+      finite=finite.astype(jnp.float32))
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, batch):
+  """Sums of loss, top-1 and top-5 hits over the examples with mask 1."""
+  logits = state.apply_fn(
+      {'params': state.params, 'batch_stats': state.batch_stats},
+      batch['image'], train=False)
+  mask = batch['mask'].astype(jnp.float32)
+  labels = batch['label']
+  loss = optim.cross_entropy(logits, labels)
+  top5 = lax.top_k(logits, min(5, logits.shape[-1]))[1]
+  sums = {
+      'loss': jnp.sum(loss * mask),
+      'top1': jnp.sum((top5[:, 0] == labels) * mask),
+      'top5': jnp.sum(jnp.any(top5 == labels[:, None], -1) * mask),
+      'num_examples': jnp.sum(mask),
+  }
+  return lax.psum(sums, DATA_AXIS)
+
+
+def make_train_step(mesh: Mesh, config: ml_collections.ConfigDict,
+                    learning_rate_fn):
+  """The jitted, sharded train step: (state, global batch) -> (state, metrics).
+
+  The state argument is donated: do not use it after the call.
+  """
+  step = functools.partial(
+      train_step, learning_rate_fn=learning_rate_fn,
+      label_smoothing=config.label_smoothing,
+      sync_batch_norm=config.sync_batch_norm)
+  sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
+                          out_specs=(P(), P()))
+  return jax.jit(sharded, donate_argnums=0)
+
+
+def make_eval_step(mesh: Mesh):
+  """The jitted, sharded eval step: (state, global batch) -> metric sums."""
+  sharded = jax.shard_map(eval_step, mesh=mesh,
+                          in_specs=(P(), P(DATA_AXIS)), out_specs=P())
+  return jax.jit(sharded)
+
+
+def global_batch(mesh: Mesh, local_batch) -> Any:
+  """Makes one global array per field from each process's local slice."""
+  sharding = NamedSharding(mesh, P(DATA_AXIS))
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+      local_batch)

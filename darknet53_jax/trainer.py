@@ -1,0 +1,238 @@
+"""The train-and-evaluate loop and checkpoint evaluation.
+
+Ties the input pipeline, the sharded steps, checkpoints and metric writers
+together; every process runs the same code on its own share of the data.
+"""
+
+import collections
+import time
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+from etils import epath
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from darknet53_jax import checkpoints
+from darknet53_jax import config_checks
+from darknet53_jax import input_pipeline
+from darknet53_jax import optim
+from darknet53_jax import train
+
+CHECKPOINT_DIR = 'checkpoints'
+
+
+def _prepare_data(config) -> 'input_pipeline.tfds.core.DatasetBuilder':
+  """The dataset's builder, prepared by process 0 while the others wait."""
+  builder = input_pipeline.get_builder(config)
+  if jax.process_index() == 0:
+    input_pipeline.ensure_prepared(builder)
+  multihost_utils.sync_global_devices('data prepared')
+  if not builder.is_prepared():
+    builder = input_pipeline.get_builder(config)
+  input_pipeline.ensure_prepared(builder)
+  dataset_classes = input_pipeline.num_classes(builder)
+  if config.num_classes != dataset_classes:
+    raise config_checks.ConfigError(
+        f'config.num_classes={config.num_classes} but {config.dataset!r} has '
+        f'{dataset_classes} classes: set --config.num_classes='
+        f'{dataset_classes}.')
+  return builder
+
+
+def _device_prefetch(batches: Iterator, mesh, size: int = 2) -> Iterator:
+  """Keeps ``size`` global batches in flight to the devices."""
+  queue = collections.deque()
+  for batch in batches:
+    queue.append(train.global_batch(mesh, batch))
+    if len(queue) >= size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
+
+
+def evaluate(state, eval_step, mesh, builder, config,
+             split: str) -> dict[str, float]:
+  """Loss, top-1 and top-5 over every example of ``split`` exactly once."""
+  local_batch = config.batch_size // jax.process_count()
+  batches, _ = input_pipeline.create_eval_dataset(
+      builder, config, split, local_batch, jax.process_index(),
+      jax.process_count())
+  totals = None
+  for batch in _device_prefetch(iter(batches), mesh):
+    sums = eval_step(state, batch)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  count = float(totals['num_examples'])
+  return {'loss': float(totals['loss']) / count,
+          'top1': float(totals['top1']) / count,
+          'top5': float(totals['top5']) / count,
+          'num_examples': count}
+
+
+def _write_eval(writer, step: int, metrics: dict[str, float]) -> None:
+  writer.write_scalars(step, {f'eval/{k}': v for k, v in metrics.items()})
+  logging.info('eval at step %d: top1 %.4f, top5 %.4f, loss %.4f on %d '
+               'examples', step, metrics['top1'], metrics['top5'],
+               metrics['loss'], metrics['num_examples'])
+
+
+def _create_writer(workdir: str) -> metric_writers.MetricWriter:
+  return metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0)
+
+
+def _setup(config: ml_collections.ConfigDict, workdir: str):
+  """Validates the config and workdir and builds data, mesh and model."""
+  config_checks.validate(config, jax.device_count(), jax.process_count())
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  builder = _prepare_data(config)
+  mesh = train.create_mesh()
+  model = train.create_model(config, config.num_classes)
+  return builder, mesh, model
+
+
+def _init_from_pretrained(state, config, mesh):
+  """Replaces params and batch_stats with those of ``config.init_from``."""
+  variables = checkpoints.load_variables(config.init_from)
+  reference = {'params': state.params, 'batch_stats': state.batch_stats}
+  checkpoints.check_compatible(variables, reference, config.init_from)
+  variables = jax.device_put(variables, NamedSharding(mesh, P()))
+  logging.info('Initialised params and batch_stats from %s.', config.init_from)
+  return state.replace(**variables)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> dict[str, float]:
+  """Trains for ``config.num_epochs``, resuming from the workdir if possible.
+
+  Returns:
+    The final evaluation metrics.
+  """
+  builder, mesh, model = _setup(config, workdir)
+  local_batch = config.batch_size // jax.process_count()
+  steps_per_epoch = input_pipeline.train_steps_per_epoch(
+      builder, config, local_batch, jax.process_count())
+  total_steps = config.num_epochs * steps_per_epoch
+  schedule = optim.create_learning_rate_schedule(config, steps_per_epoch)
+  tx = optim.create_optimizer(config, schedule)
+  state = train.create_replicated_train_state(
+      jax.random.key(config.seed), config, model, tx, mesh)
+
+  manager = checkpoints.CheckpointManager(
+      epath.Path(workdir) / CHECKPOINT_DIR, config.max_checkpoints_to_keep)
+  if manager.latest_step() is not None:
+    state = manager.restore(state)
+    logging.info('Resumed from step %d in %s.', int(state.step),
+                 manager.directory)
+  elif config.init_from:
+    state = _init_from_pretrained(state, config, mesh)
+  start_step = int(state.step)
+
+  writer = _create_writer(workdir)
+  if start_step == 0:
+    writer.write_hparams(_flat_hparams(config.to_dict()))
+  train_step = train.make_train_step(mesh, config, schedule)
+  eval_step = train.make_eval_step(mesh)
+  batches = _device_prefetch(input_pipeline.create_train_iterator(
+      builder, config, local_batch, start_step, jax.process_index(),
+      jax.process_count()), mesh)
+
+  hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps,
+                                           writer=writer)]
+  if config.profile_steps and jax.process_index() == 0:
+    hooks.append(periodic_actions.Profile(
+        logdir=workdir, num_profile_steps=config.profile_steps))
+
+  logging.info('Training %d steps (%d per epoch) from step %d on %d devices.',
+               total_steps, steps_per_epoch, start_step, jax.device_count())
+  eval_metrics = {}
+  pending = []
+  interval_start = time.perf_counter()
+  for step in range(start_step, total_steps):
+    state, metrics = train_step(state, next(batches))
+    pending.append(metrics)
+    done = step + 1
+    for hook in hooks:
+      hook(done)
+    if done % config.log_every_steps == 0 or done == total_steps:
+      elapsed = time.perf_counter() - interval_start
+      _write_train(writer, done, pending, config, elapsed)
+      pending, interval_start = [], time.perf_counter()
+    if done % steps_per_epoch == 0:
+      epoch = done // steps_per_epoch
+      last = done == total_steps
+      if last or epoch % config.eval_every_epochs == 0:
+        eval_metrics = evaluate(state, eval_step, mesh, builder, config,
+                                config.eval_split)
+        _write_eval(writer, done, eval_metrics)
+      if last or epoch % config.checkpoint_every_epochs == 0:
+        manager.save(done, state, config)
+  if not eval_metrics:
+    eval_metrics = evaluate(state, eval_step, mesh, builder, config,
+                            config.eval_split)
+    _write_eval(writer, int(state.step), eval_metrics)
+  manager.wait()
+  manager.close()
+  writer.flush()
+  return eval_metrics
+
+
+def _flat_hparams(tree: dict, prefix: str = '') -> dict:
+  """Nested config values as 'a.b' keys with scalar or string values."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flat_hparams(value, f'{prefix}{key}.'))
+    else:
+      flat[prefix + key] = value if isinstance(
+          value, (bool, int, float, str)) else str(value)
+  return flat
+
+
+def _write_train(writer, step: int, pending: list, config,
+                 elapsed: float) -> None:
+  """Averages the steps since the last write and writes them."""
+  history = jax.device_get(pending)
+  means = {k: float(np.mean([m[k] for m in history])) for k in history[0]}
+  scalars = {
+      'train/loss': means['loss'],
+      'train/top1': means['top1'],
+      'train/learning_rate': means['learning_rate'],
+      'train/images_per_sec': len(history) * config.batch_size / elapsed,
+      'train/nonfinite_steps': len(history) * (1.0 - means['finite']),
+  }
+  if 'loss_scale' in means:
+    scalars['train/loss_scale'] = float(history[-1]['loss_scale'])
+  writer.write_scalars(step, scalars)
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                        checkpoint: str | None = None) -> dict[str, float]:
+  """Evaluates a checkpoint (default: the workdir's latest); trains nothing."""
+  builder, mesh, model = _setup(config, workdir)
+  source = checkpoint or str(epath.Path(workdir) / CHECKPOINT_DIR)
+  variables = checkpoints.load_variables(source)
+  size = config.eval_size
+  reference = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
+                         train=False))
+  checkpoints.check_compatible(variables, dict(reference), source)
+  variables = jax.device_put(variables, NamedSharding(mesh, P()))
+  state = train.TrainState.create(
+      apply_fn=model.apply, params=variables['params'],
+      batch_stats=variables['batch_stats'], tx=optax.identity())
+  step = checkpoints.checkpoint_step(source)
+  metrics = evaluate(state, train.make_eval_step(mesh), mesh, builder, config,
+                     config.eval_split)
+  writer = _create_writer(workdir)
+  _write_eval(writer, step, metrics)
+  writer.flush()
+  return metrics
