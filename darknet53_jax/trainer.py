@@ -109,12 +109,18 @@ def _init_from_pretrained(state, config, mesh):
   return state.replace(**variables)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> dict[str, float]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       stop_at_step: int | None = None) -> dict[str, float]:
   """Trains for ``config.num_epochs``, resuming from the workdir if possible.
 
+  Args:
+    config: the run's config.
+    workdir: checkpoints and TensorBoard events go here.
+    stop_at_step: if set, checkpoint and return at this step (the schedule
+      still spans ``config.num_epochs``); a later call resumes from it.
+
   Returns:
-    The final evaluation metrics.
+    The final evaluation metrics (empty if stopped early).
   """
   builder, mesh, model = _setup(config, workdir)
   local_batch = config.batch_size // jax.process_count()
@@ -156,7 +162,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   eval_metrics = {}
   pending = []
   interval_start = time.perf_counter()
-  for step in range(start_step, total_steps):
+  end_step = total_steps if stop_at_step is None else min(stop_at_step,
+                                                          total_steps)
+  for step in range(start_step, end_step):
     state, metrics = train_step(state, next(batches))
     pending.append(metrics)
     done = step + 1
@@ -175,7 +183,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         _write_eval(writer, done, eval_metrics)
       if last or epoch % config.checkpoint_every_epochs == 0:
         manager.save(done, state, config)
-  if not eval_metrics:
+  if end_step < total_steps:
+    if manager.latest_step() != end_step:
+      manager.save(end_step, state, config)
+    logging.info('Stopped at step %d of %d; rerun to resume.', end_step,
+                 total_steps)
+  elif not eval_metrics:
     eval_metrics = evaluate(state, eval_step, mesh, builder, config,
                             config.eval_split)
     _write_eval(writer, int(state.step), eval_metrics)

@@ -1,0 +1,76 @@
+"""Tests for darknet53_jax.optim."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from darknet53_jax import optim
+
+
+def _config(**overrides):
+  config = default.get_config()
+  config.update(overrides)
+  return config
+
+
+def test_schedule_values():
+  config = _config(batch_size=512, learning_rate=0.1, warmup_epochs=5,
+                   num_epochs=150, eta_min=0.0)
+  steps_per_epoch = 100
+  schedule = optim.create_learning_rate_schedule(config, steps_per_epoch)
+  peak = 0.2  # 0.1 * 512 / 256.
+  warmup, total = 500, 15_000
+  np.testing.assert_allclose(schedule(0), peak / warmup, rtol=1e-6)
+  np.testing.assert_allclose(schedule(warmup - 1), peak, rtol=1e-6)
+  np.testing.assert_allclose(schedule(warmup), peak, rtol=1e-6)
+  np.testing.assert_allclose(schedule(warmup + (total - warmup) // 2),
+                             peak / 2, rtol=1e-5)
+  last = peak * 0.5 * (1 + np.cos(np.pi * (total - 1 - warmup) /
+                                  (total - warmup)))
+  np.testing.assert_allclose(schedule(total - 1), last, atol=1e-8)
+  np.testing.assert_allclose(schedule(total - 100), peak * 0.5 * (
+      1 + np.cos(np.pi * (total - 100 - warmup) / (total - warmup))),
+                             rtol=1e-3)
+
+
+def test_schedule_decays_to_eta_min():
+  config = _config(eta_min=0.01, num_epochs=10, warmup_epochs=1)
+  schedule = optim.create_learning_rate_schedule(config, 10)
+  np.testing.assert_allclose(schedule(100), 0.01, rtol=1e-6)
+
+
+def test_lr_scaling_rules():
+  assert optim.peak_learning_rate(_config(batch_size=2048)) == pytest.approx(
+      0.8)
+  assert optim.peak_learning_rate(
+      _config(batch_size=2048, lr_scaling='none')) == pytest.approx(0.1)
+  with pytest.raises(ValueError, match='lr_scaling'):
+    optim.peak_learning_rate(_config(lr_scaling='sqrt'))
+
+
+def test_weight_decay_only_on_kernels():
+  params = {'conv': {'kernel': jnp.ones((3, 3, 2, 2))},
+            'bn': {'scale': jnp.ones(2), 'bias': jnp.ones(2)},
+            'head': {'kernel': jnp.ones((2, 3)), 'bias': jnp.ones(3)}}
+  config = _config(weight_decay=0.5, momentum=0.0)
+  tx = optim.create_optimizer(config, lambda _: 1.0)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  # Only kernels move: update = -lr * wd * param.
+  np.testing.assert_allclose(updates['conv']['kernel'], -0.5)
+  np.testing.assert_allclose(updates['head']['kernel'], -0.5)
+  for leaf in (updates['bn']['scale'], updates['bn']['bias'],
+               updates['head']['bias']):
+    np.testing.assert_allclose(leaf, 0.0)
+
+
+def test_label_smoothing_matches_reference():
+  targets = optim.smoothed_one_hot(jnp.array([2]), 5, 0.1)
+  np.testing.assert_allclose(targets, [[0.025, 0.025, 0.9, 0.025, 0.025]],
+                             rtol=1e-6)
+  logits = jnp.log(targets)
+  loss = optim.cross_entropy(logits, jnp.array([2]), 0.1)
+  entropy = -jnp.sum(targets * jnp.log(targets))
+  np.testing.assert_allclose(loss, [entropy], rtol=1e-5)
