@@ -4,6 +4,7 @@ r"""Trains or evaluates Darknet-53.
       [--config.KEY=VALUE ...] [--eval_only] [--checkpoint=PATH]
 """
 
+import logging as logging_std
 import sys
 
 from absl import app
@@ -15,6 +16,7 @@ import tensorflow as tf
 
 from darknet53_jax import checkpoints
 from darknet53_jax import config_checks
+from darknet53_jax import distributed
 from darknet53_jax import input_pipeline
 from darknet53_jax import trainer
 
@@ -34,9 +36,55 @@ USER_ERRORS = (config_checks.ConfigError, input_pipeline.DataError,
                checkpoints.CheckpointError)
 
 
+def _load_config():
+  """The --config file with its overrides, or exit with one clear line."""
+  config = FLAGS.config
+  try:
+    config.keys()
+    return config
+  except Exception as e:  # pylint: disable=broad-except
+    # A config that failed to load raises on first use, anything the file
+    # raised; the chained causes hold the useful part.
+    while e.__cause__ is not None:
+      e = e.__cause__
+    _exit_with_config_error(e)
+
+
+def _exit_with_config_error(error: Exception):
+  reason = ' '.join(str(error).split()) or type(error).__name__
+  if isinstance(error, (AttributeError, KeyError)):
+    sys.exit(f'error: unknown config key {reason}: see configs/default.py '
+             'and the README for the fields.')
+  sys.exit(f'error: cannot load --config and its overrides: '
+           f'{type(error).__name__}: {reason}')
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with config-file errors as one line."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f'error: {str(e).rstrip(".")}. Pass --helpfull to see the '
+             'flags.')
+  except Exception as e:  # pylint: disable=broad-except
+    # Executing the config file or applying an override can raise anything.
+    _exit_with_config_error(e)
+
+
+class _QuietLibraries(logging_std.Filter):
+  """Drops orbax's per-save INFO chatter; keeps its warnings."""
+
+  def filter(self, record):
+    return record.levelno >= logging_std.WARNING or 'orbax' not in (
+        record.pathname)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  config = _load_config()
+  distributed.initialize_from_flags()  # Before anything touches a device.
   # tf.data must never take accelerator memory.
   tf.config.set_visible_devices([], 'GPU')
   logging.info('JAX process %d of %d, %d local and %d global devices (%s).',
@@ -45,14 +93,14 @@ def main(argv):
                jax.default_backend())
   try:
     if FLAGS.eval_only:
-      trainer.evaluate_checkpoint(FLAGS.config, FLAGS.workdir,
+      trainer.evaluate_checkpoint(config, FLAGS.workdir,
                                   FLAGS.checkpoint)
     else:
-      trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+      trainer.train_and_evaluate(config, FLAGS.workdir)
   except USER_ERRORS as e:
     logging.error('%s', e)
     sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -90,6 +90,11 @@ def train_step(state: TrainState, batch, *, learning_rate_fn,
                label_smoothing: float, sync_batch_norm: bool):
   """One SGD step on this device's slice of the global batch.
 
+  The loss is the global-batch mean (``pmean`` over the axis). Because the
+  params enter the shard_map replicated, JAX transposes their implicit
+  broadcast into a ``psum``, so their gradients already are global-mean
+  gradients, identical on every device.
+
   A step whose gradients are not finite changes no parameter, statistic or
   optimiser state (only ``step`` and the loss scale move), and reports
   ``finite = 0``.
@@ -99,23 +104,20 @@ def train_step(state: TrainState, batch, *, learning_rate_fn,
         {'params': params, 'batch_stats': state.batch_stats},
         batch['image'], train=True, mutable=['batch_stats'])
     loss = optim.cross_entropy(logits, batch['label'], label_smoothing).mean()
-    return loss, (logits, updates['batch_stats'])
+    return lax.pmean(loss, DATA_AXIS), (logits, updates['batch_stats'])
 
   metrics = {}
   if state.dynamic_scale is not None:
-    grad_fn = state.dynamic_scale.value_and_grad(
-        loss_fn, has_aux=True, axis_name=DATA_AXIS)
+    grad_fn = state.dynamic_scale.value_and_grad(loss_fn, has_aux=True)
     new_scale, finite, (loss, (logits, batch_stats)), grads = grad_fn(
         state.params)
     metrics['loss_scale'] = new_scale.scale
   else:
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params)
-    grads = lax.pmean(grads, DATA_AXIS)
     new_scale = None
   if not sync_batch_norm:
     batch_stats = lax.pmean(batch_stats, DATA_AXIS)
-  loss = lax.pmean(loss, DATA_AXIS)
   finite = jnp.isfinite(loss)
   for g in jax.tree.leaves(grads):
     finite &= jnp.all(jnp.isfinite(g))

@@ -120,7 +120,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       still spans ``config.num_epochs``); a later call resumes from it.
 
   Returns:
-    The final evaluation metrics (empty if stopped early).
+    The last evaluation metrics of this call (possibly empty if stopped
+    early).
   """
   builder, mesh, model = _setup(config, workdir)
   local_batch = config.batch_size // jax.process_count()

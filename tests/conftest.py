@@ -10,6 +10,11 @@ if REPO not in sys.path:
   sys.path.insert(0, REPO)  # For `from configs import ...` in configs.
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# Many tests compile the same tiny model: share compilations across them and
+# across the subprocesses they start.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      os.path.join(REPO, '.pytest_cache', 'jax'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 
 def tiny_config(data_dir=None):

@@ -1,0 +1,72 @@
+"""Tests for darknet53_jax.checkpoints."""
+
+import jax
+import numpy as np
+import pytest
+
+from darknet53_jax import checkpoints
+from darknet53_jax import optim
+from darknet53_jax import train
+from tests import conftest
+
+
+def _state(config, num_classes=10):
+  mesh = train.create_mesh(jax.devices()[:1])
+  model = train.create_model(config, num_classes)
+  tx = optim.create_optimizer(
+      config, optim.create_learning_rate_schedule(config, 10))
+  return train.create_replicated_train_state(jax.random.key(0), config,
+                                             model, tx, mesh)
+
+
+@pytest.fixture(name='saved')
+def fixture_saved(tmp_path):
+  config = conftest.tiny_config()
+  config.dtype = 'float16'
+  state = _state(config).replace(step=7)
+  manager = checkpoints.CheckpointManager(tmp_path / 'checkpoints', 2)
+  manager.save(7, state, config)
+  manager.close()
+  return tmp_path, config, state
+
+
+def test_restore_round_trips_every_field(saved):
+  workdir, config, state = saved
+  manager = checkpoints.CheckpointManager(workdir / 'checkpoints')
+  assert manager.latest_step() == 7
+  restored = manager.restore(_state(config))
+  manager.close()
+  assert int(restored.step) == 7
+  assert float(restored.dynamic_scale.scale) == config.loss_scale
+  for x, y in zip(jax.tree.leaves(jax.device_get(state)),
+                  jax.tree.leaves(jax.device_get(restored))):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_restore_into_another_shape_is_a_clear_error(saved):
+  workdir, config, _ = saved
+  manager = checkpoints.CheckpointManager(workdir / 'checkpoints')
+  with pytest.raises(checkpoints.CheckpointError, match='does not fit'):
+    manager.restore(_state(config, num_classes=11))
+  manager.close()
+
+
+def test_load_variables_and_config_from_workdir(saved):
+  workdir, config, state = saved
+  variables = checkpoints.load_variables(str(workdir))
+  np.testing.assert_array_equal(variables['params']['head']['kernel'],
+                                jax.device_get(state.params['head']['kernel']))
+  assert checkpoints.load_config(str(workdir)).dtype == 'float16'
+  assert checkpoints.checkpoint_step(str(workdir / 'checkpoints' / '7')) == 7
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+  with pytest.raises(checkpoints.CheckpointError, match='No checkpoint at'):
+    checkpoints.load_variables(str(tmp_path))
+
+
+def test_check_compatible_names_the_mismatch():
+  a = {'params': {'head': {'kernel': np.zeros((4, 10))}}}
+  b = {'params': {'head': {'kernel': np.zeros((4, 11))}}}
+  with pytest.raises(checkpoints.CheckpointError, match=r"\['head'\]"):
+    checkpoints.check_compatible(a, b, 'ckpt')

@@ -1,0 +1,92 @@
+"""End-to-end runs of training, resume and evaluation, and the CLI's errors."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from darknet53_jax import checkpoints
+from darknet53_jax import trainer
+from tests import conftest
+
+REPO = conftest.REPO
+
+
+def _params(workdir):
+  return checkpoints.load_variables(str(workdir))
+
+
+def test_resume_gives_the_same_parameters(digits_data_dir, tmp_path):
+  config = conftest.tiny_config(digits_data_dir)
+  straight = trainer.train_and_evaluate(config, str(tmp_path / 'straight'))
+  steps_per_epoch = 1437 // config.batch_size
+  trainer.train_and_evaluate(config, str(tmp_path / 'resumed'),
+                                       stop_at_step=steps_per_epoch)
+  assert checkpoints.checkpoint_step(str(tmp_path / 'resumed')) == (
+      steps_per_epoch)
+  resumed = trainer.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  assert resumed == straight
+  assert straight['num_examples'] == 360
+  a, b = _params(tmp_path / 'straight'), _params(tmp_path / 'resumed')
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+def _main(*args, devices=1, timeout=300):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', JAX_PLATFORMS='cpu',
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  return subprocess.run(
+      [sys.executable, '-m', 'darknet53_jax.main', *args], cwd=REPO, env=env,
+      capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def _tiny_flags(data_dir):
+  return ['--config=configs/quickstart.py', f'--config.data_dir={data_dir}',
+          '--config.model.width_multiplier=0.125',
+          '--config.model.stage_depths=(1,1,1,1,1)', '--config.num_epochs=1',
+          '--config.batch_size=128']
+
+
+def test_cli_trains_then_evaluates_only(digits_data_dir, tmp_path):
+  workdir = str(tmp_path / 'run')
+  trained = _main(*_tiny_flags(digits_data_dir), f'--workdir={workdir}')
+  assert trained.returncode == 0, trained.stderr[-2000:]
+  assert checkpoints.checkpoint_step(workdir) == 11
+  assert any(name.startswith('events.out.tfevents')
+             for name in os.listdir(workdir))
+  evaluated = _main(*_tiny_flags(digits_data_dir), f'--workdir={workdir}',
+                    '--eval_only')
+  assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+  assert 'eval/num_examples=360' in evaluated.stderr
+  assert checkpoints.checkpoint_step(workdir) == 11  # Nothing trained.
+
+
+@pytest.mark.parametrize('case, extra, devices, message', [
+    ('missing config', ['--config=configs/nope.py'], 1, 'nope.py'),
+    ('unknown dataset', ['--config.dataset=no_such_dataset'], 1,
+     "Unknown dataset 'no_such_dataset'"),
+    ('batch over devices', ['--config.batch_size=3'], 2,
+     'does not divide over 2 devices'),
+    ('unknown key', ['--config.no_such_key=1'], 1, 'no_such_key'),
+    ('eval without checkpoint', ['--eval_only'], 1, 'No checkpoint at'),
+])
+def test_bad_input_stops_with_one_clear_line(digits_data_dir, tmp_path, case,
+                                             extra, devices, message):
+  del case
+  result = _main(*_tiny_flags(digits_data_dir), *extra,
+                 f'--workdir={tmp_path}', devices=devices)
+  assert result.returncode != 0
+  assert message in result.stderr.strip().splitlines()[-1]
+  assert 'Traceback' not in result.stderr
+
+
+def test_checkpoint_of_another_shape_is_refused(digits_data_dir, tmp_path):
+  config = conftest.tiny_config(digits_data_dir)
+  trainer.train_and_evaluate(config, str(tmp_path), stop_at_step=1)
+  result = _main(*_tiny_flags(digits_data_dir), f'--workdir={tmp_path}',
+                 '--config.model.width_multiplier=0.25', '--eval_only')
+  assert result.returncode != 0
+  assert 'does not fit this model' in result.stderr.strip().splitlines()[-1]

@@ -1,0 +1,152 @@
+"""Tests for darknet53_jax.train: sharded steps, loss scaling, exact eval.
+
+The multi-device checks run this file as a script in a subprocess with
+8 forced CPU devices (XLA reads the device count once, at start-up).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from darknet53_jax import optim  # noqa: E402
+from darknet53_jax import train  # noqa: E402
+from tests import conftest  # noqa: E402
+
+
+def _setup(config, devices, num_classes=10):
+  mesh = train.create_mesh(devices)
+  model = train.create_model(config, num_classes)
+  schedule = optim.create_learning_rate_schedule(config, steps_per_epoch=10)
+  tx = optim.create_optimizer(config, schedule)
+  state = train.create_replicated_train_state(jax.random.key(0), config,
+                                              model, tx, mesh)
+  return mesh, state, train.make_train_step(mesh, config, schedule)
+
+
+def _batches(config, count, seed=0):
+  rng = np.random.default_rng(seed)
+  size = config.train_size
+  return [{'image': rng.normal(size=(config.batch_size, size, size, 3)).astype(
+      np.float32), 'label': rng.integers(0, 10, config.batch_size)}
+          for _ in range(count)]
+
+
+def _train(config, devices, batches):
+  mesh, state, step = _setup(config, devices)
+  for batch in batches:
+    state, _ = step(state, train.global_batch(mesh, batch))
+  return jax.device_get({'params': state.params,
+                         'batch_stats': state.batch_stats})
+
+
+def _max_relative_difference(a, b):
+  diffs = jax.tree.map(
+      lambda x, y: float(np.max(np.abs(x - y)) / (np.max(np.abs(y)) + 1e-12)),
+      a, b)
+  return max(jax.tree.leaves(diffs))
+
+
+def multidevice_checks(data_dir: str) -> dict:
+  """Runs with 8 devices; returns the numbers the tests assert on."""
+  from darknet53_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from darknet53_jax import trainer  # pylint: disable=g-import-not-at-top
+  config = conftest.tiny_config(data_dir)
+  config.batch_size = 16
+  config.label_smoothing = 0.1
+  batches = _batches(config, 3)
+  devices = jax.devices()
+  on_eight = _train(config, devices, batches)
+  on_one = _train(config, devices[:1], batches)
+
+  mesh, state, _ = _setup(config, devices)
+  builder = input_pipeline.get_builder(config)
+  metrics = trainer.evaluate(state, train.make_eval_step(mesh), mesh, builder,
+                             config, 'test[:37]')
+  return {'devices': len(devices),
+          'max_relative_difference': _max_relative_difference(on_eight,
+                                                              on_one),
+          'eval_num_examples': metrics['num_examples']}
+
+
+@pytest.fixture(scope='module')
+def eight_device_results(digits_data_dir):
+  env = dict(os.environ,
+             XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
+  result = subprocess.run(
+      [sys.executable, os.path.abspath(__file__), digits_data_dir],
+      env=env, cwd=REPO, capture_output=True, text=True, timeout=600,
+      check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_eight_devices_match_one_device(eight_device_results):
+  assert eight_device_results['devices'] == 8
+  assert eight_device_results['max_relative_difference'] < 1e-5
+
+
+def test_eval_counts_every_example_once_on_eight_devices(eight_device_results):
+  # 37 examples, global batch 16 over 8 devices: 3 batches, 11 padded.
+  assert eight_device_results['eval_num_examples'] == 37
+
+
+def _fp16_config():
+  config = conftest.tiny_config()
+  config.dtype = 'float16'
+  config.batch_size = 4
+  config.loss_scale = 1024.0
+  config.loss_scale_growth_interval = 2
+  return config
+
+
+def test_non_finite_step_changes_nothing_and_halves_scale():
+  config = _fp16_config()
+  mesh, state, step = _setup(config, jax.devices()[:1])
+  state, _ = step(state, train.global_batch(mesh, _batches(config, 1)[0]))
+  before = jax.device_get(state)
+  bad = _batches(config, 1, seed=1)[0]
+  bad['image'][0, 0, 0, 0] = np.inf
+  state, metrics = step(state, train.global_batch(mesh, bad))
+  after = jax.device_get(state)
+  assert float(metrics['finite']) == 0.0
+  for name in ('params', 'batch_stats', 'opt_state'):
+    for x, y in zip(jax.tree.leaves(getattr(before, name)),
+                    jax.tree.leaves(getattr(after, name))):
+      np.testing.assert_array_equal(x, y)
+  assert float(after.dynamic_scale.scale) == 512.0
+  assert int(after.step) == int(before.step) + 1
+
+
+def test_loss_scale_doubles_after_growth_interval_finite_steps():
+  config = _fp16_config()
+  mesh, state, step = _setup(config, jax.devices()[:1])
+  scales = []
+  for batch in _batches(config, 4):
+    state, metrics = step(state, train.global_batch(mesh, batch))
+    assert float(metrics['finite']) == 1.0
+    scales.append(float(metrics['loss_scale']))
+  # growth_interval=2: two finite steps at 1024, the third doubles it.
+  assert scales == [1024.0, 1024.0, 2048.0, 2048.0]
+
+
+def test_float16_step_trains():
+  config = _fp16_config()
+  mesh, state, step = _setup(config, jax.devices()[:1])
+  initial = jax.device_get(state.params)
+  state, metrics = step(state, train.global_batch(mesh, _batches(config, 1)[0]))
+  assert np.isfinite(float(metrics['loss']))
+  assert _max_relative_difference(jax.device_get(state.params), initial) > 0
+
+
+if __name__ == '__main__':
+  print(json.dumps(multidevice_checks(sys.argv[1])))
