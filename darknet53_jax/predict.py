@@ -1,0 +1,131 @@
+r"""Classifies images with a checkpoint and prints the top-5 classes.
+
+  python -m darknet53_jax.predict --checkpoint=PATH IMAGE [IMAGE ...]
+
+Images go through the checkpoint's own eval preprocessing (``eval_size``,
+``eval_crop_pct``, ``interpolation``, ``mean_rgb``, ``std_rgb`` of its saved
+config) and the model runs in float32. A file that is missing or not an image
+gets a one-line error and the others are still classified; the exit code is
+then nonzero.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+# tensorflow-datasets ships ImageNet's 1000 readable class names with SI-Score.
+from tensorflow_datasets.datasets.siscore import labels as imagenet_labels
+
+from darknet53_jax import checkpoints
+from darknet53_jax import input_pipeline
+from darknet53_jax import model as model_lib
+from darknet53_jax import train
+
+FLAGS = flags.FLAGS
+IMAGENET_CLASSES = 1000
+TOP_K = 5
+
+
+class ImageError(ValueError):
+  """A file that cannot be read or decoded as an image."""
+
+
+def load_inference_model(
+    checkpoint: str
+) -> tuple[ml_collections.ConfigDict, model_lib.Darknet53, dict]:
+  """The config, float32 model and variables saved in a checkpoint.
+
+  Args:
+    checkpoint: a workdir, its checkpoints/ folder or a step folder.
+
+  Returns:
+    (config with ``dtype='float32'``, model, ``{'params', 'batch_stats'}``).
+
+  Raises:
+    checkpoints.CheckpointError: no checkpoint there.
+  """
+  config = checkpoints.load_config(checkpoint)
+  config.dtype = 'float32'
+  variables = checkpoints.load_variables(checkpoint)
+  return config, train.create_model(config, config.num_classes), variables
+
+
+def class_names(config: ml_collections.ConfigDict) -> list[str]:
+  """Human-readable names of the config's classes, by label index.
+
+  1000 classes are ImageNet's, in the synset order of tensorflow-datasets and
+  timm; otherwise the dataset's ClassLabel names, else ``class <i>``.
+  """
+  if config.num_classes == IMAGENET_CLASSES:
+    return list(imagenet_labels.IMAGENET_LABELS_LIST)
+  try:
+    names = input_pipeline.get_builder(config).info.features['label'].names
+  except (input_pipeline.DataError, KeyError):
+    names = []
+  if len(names) != config.num_classes:
+    return [f'class {i}' for i in range(config.num_classes)]
+  return list(names)
+
+
+def load_image(path: str, config: ml_collections.ConfigDict) -> np.ndarray:
+  """One image, preprocessed for eval: float32 [eval_size, eval_size, 3]."""
+  if not tf.io.gfile.exists(path):
+    raise ImageError('no such file')
+  if tf.io.gfile.isdir(path):
+    raise ImageError('is a directory')
+  try:
+    return input_pipeline.preprocess_eval(tf.io.read_file(path), config).numpy()
+  except tf.errors.InvalidArgumentError:
+    raise ImageError('not an image TensorFlow can decode (JPEG, PNG, GIF, '
+                     'BMP, WebP)') from None
+
+
+def predict_files(checkpoint: str, paths: list[str]) -> int:
+  """Prints each image's top classes; returns how many files failed."""
+  config, model, variables = load_inference_model(checkpoint)
+  names = class_names(config)
+  probabilities = jax.jit(
+      lambda v, images: jax.nn.softmax(model.apply(v, images)))
+  failed = 0
+  for path in paths:
+    try:
+      image = load_image(path, config)
+    except ImageError as e:
+      print(f'error: {path}: {e}', file=sys.stderr)
+      failed += 1
+      continue
+    probs = np.asarray(probabilities(variables, image[None])[0])
+    print(path)
+    for i in np.argsort(-probs)[:TOP_K]:
+      print(f'  {probs[i]:.4f}  {names[i]}')
+  return failed
+
+
+def main(argv):
+  paths = argv[1:]
+  if not paths:
+    raise app.UsageError('Give one or more image files.')
+  tf.config.set_visible_devices([], 'GPU')  # Keep TF off the accelerator.
+  try:
+    failed = predict_files(FLAGS.checkpoint, paths)
+  except checkpoints.CheckpointError as e:
+    sys.exit(f'error: {e}')
+  if failed:
+    sys.exit(f'error: {failed} of {len(paths)} files could not be '
+             'classified.')
+
+
+def define_flags() -> None:
+  """The CLI's flags, defined only when run so that imports never clash."""
+  flags.DEFINE_string('checkpoint', None, 'A workdir, its checkpoints/ '
+                      'folder or one step folder.')
+  flags.mark_flag_as_required('checkpoint')
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)

@@ -1,0 +1,104 @@
+"""Tests for darknet53_jax.export: each export reloads and matches Flax."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from darknet53_jax import export
+from darknet53_jax import predict
+from tests import conftest
+from tests.predict_test import write_checkpoint
+
+# (--batch_size, batch sizes to call the export with, --platforms).
+BATCHES = {'fixed': (2, (2,), ('cpu',)),
+           'dynamic': (None, (1, 3), export.DEFAULT_PLATFORMS)}
+
+
+@pytest.fixture(scope='module')
+def checkpoint(tmp_path_factory):
+  directory = str(tmp_path_factory.mktemp('export') / 'checkpoints')
+  write_checkpoint(directory, conftest.tiny_config())
+  return directory
+
+
+@pytest.fixture(scope='module')
+def flax_logits(checkpoint):
+  """Images -> the checkpoint's Flax logits."""
+  _, model, variables = predict.load_inference_model(checkpoint)
+  apply = jax.jit(model.apply)
+  return lambda images: np.asarray(apply(variables, images))
+
+
+def _images(batch: int) -> np.ndarray:
+  return np.random.default_rng(batch).normal(
+      size=(batch, 32, 32, 3)).astype(np.float32)
+
+
+def _relative_difference(got, want) -> float:
+  return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+
+
+@pytest.mark.parametrize('batching', list(BATCHES))
+def test_stablehlo_reloads_and_matches_flax(checkpoint, flax_logits, tmp_path,
+                                            batching):
+  batch_size, batches, platforms = BATCHES[batching]
+  export.export_checkpoint(checkpoint, 'stablehlo', str(tmp_path), batch_size,
+                           platforms=platforms)
+  exported = jax.export.deserialize(
+      (tmp_path / export.STABLEHLO_FILE).read_bytes())
+  assert exported.platforms == platforms
+  for batch in batches:
+    images = _images(batch)
+    got = np.asarray(exported.call(images))
+    assert _relative_difference(got, flax_logits(images)) < 1e-5
+  config = json.loads((tmp_path / export.CONFIG_FILE).read_text())
+  assert config['eval_size'] == 32
+
+
+@pytest.mark.parametrize('batching', list(BATCHES))
+def test_saved_model_reloads_and_matches_flax(checkpoint, flax_logits,
+                                              tmp_path, batching):
+  batch_size, batches, platforms = BATCHES[batching]
+  export.export_checkpoint(checkpoint, 'saved_model', str(tmp_path),
+                           batch_size, platforms=platforms)
+  loaded = tf.saved_model.load(str(tmp_path))
+  for batch in batches:
+    images = _images(batch)
+    assert _relative_difference(loaded(images).numpy(),
+                                flax_logits(images)) < 1e-5
+  images = _images(batches[0])
+  serving = loaded.signatures['serving_default']
+  got = serving(images=tf.constant(images))['logits'].numpy()
+  assert _relative_difference(got, flax_logits(images)) < 1e-5
+  assert (tmp_path / export.CONFIG_FILE).exists()
+
+
+def test_image_size_overrides_the_eval_size(checkpoint, tmp_path):
+  export.export_checkpoint(checkpoint, 'stablehlo', str(tmp_path), 1,
+                           image_size=64, platforms=('cpu',))
+  exported = jax.export.deserialize(
+      (tmp_path / export.STABLEHLO_FILE).read_bytes())
+  assert exported.in_avals[0].shape == (1, 64, 64, 3)
+  assert exported.out_avals[0].shape == (1, 10)
+
+
+@pytest.mark.parametrize('value', ['0', '-1', 'two', ''])
+def test_bad_batch_sizes_are_refused(value):
+  with pytest.raises(export.ExportError, match='--batch_size'):
+    export.parse_batch_size(value)
+
+
+def test_bad_arguments_are_refused(checkpoint, tmp_path):
+  assert export.parse_batch_size('dynamic') is None
+  assert export.parse_batch_size('8') == 8
+  with pytest.raises(export.ExportError, match='--format'):
+    export.export_checkpoint(checkpoint, 'onnx', str(tmp_path), 1)
+  with pytest.raises(export.ExportError, match='--platforms'):
+    export.export_checkpoint(checkpoint, 'stablehlo', str(tmp_path), 1,
+                             platforms=('gpu',))
+  (tmp_path / 'old').write_text('')
+  with pytest.raises(export.ExportError, match='not empty'):
+    export.export_checkpoint(checkpoint, 'stablehlo', str(tmp_path), 1)
