@@ -56,6 +56,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.nesterov = False
   config.weight_decay = 1e-4
   config.label_smoothing = 0.1
+  # float32/bfloat16: stop after this many consecutive non-finite steps
+  # (each is skipped without changing the state).
+  config.max_consecutive_nonfinite_steps = 20
 
   # Checkpoints, evaluation and logging.
   config.checkpoint_every_epochs = 5

@@ -10,6 +10,7 @@ leaves no step that restores.
 import os
 from typing import Any
 
+from absl import logging
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
@@ -19,8 +20,15 @@ STATE = 'state'
 CONFIG = 'config'
 
 
+MODEL_COLLECTIONS = ('params', 'batch_stats')
+
+
 class CheckpointError(ValueError):
   """A checkpoint that is missing or does not fit the model."""
+
+
+class DamagedCheckpointError(CheckpointError):
+  """A checkpoint whose files cannot be read back."""
 
 
 class CheckpointManager:
@@ -32,7 +40,8 @@ class CheckpointManager:
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
                                              create=True),
-        item_names=(STATE, CONFIG))
+        item_handlers={STATE: ocp.StandardCheckpointHandler(),
+                       CONFIG: ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -47,20 +56,55 @@ class CheckpointManager:
 
   def restore(self, template: Any, step: int | None = None) -> Any:
     """Restores the state at ``step`` (default: latest) into ``template``'s
-    structure, shapes and shardings."""
+    structure, shapes and shardings.
+
+    Raises:
+      CheckpointError: there is no checkpoint, or its model does not fit the
+        template's.
+      DamagedCheckpointError: the checkpoint's files cannot be read back.
+    """
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f'No checkpoint in {self.directory}.')
+    source = f'Checkpoint {self.directory}/{step}'
+    try:
+      saved = self._manager.item_metadata(step)[STATE].tree
+    except Exception as e:  # pylint: disable=broad-except
+      raise DamagedCheckpointError(f'{source}: {_first_line(e)}') from None
+    check_compatible(
+        {k: saved[k] for k in MODEL_COLLECTIONS},
+        {k: getattr(template, k) for k in MODEL_COLLECTIONS}, source)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**{
           STATE: ocp.args.StandardRestore(abstract)}))
-    except (ValueError, KeyError, TypeError) as e:
-      raise CheckpointError(
-          f'Checkpoint {self.directory}/{step} does not fit this model and '
-          f'config (different model shape, classes or optimiser?): '
-          f'{_first_line(e)}') from None
+    except Exception as e:  # pylint: disable=broad-except
+      # Damage or a changed optimiser/precision surfaces as whatever the
+      # storage layer raises.
+      raise DamagedCheckpointError(f'{source}: {_first_line(e)}') from None
     return restored[STATE]
+
+  def restore_latest_good(self, template: Any) -> Any | None:
+    """Restores the newest step that reads back whole; None if there is none.
+
+    A step that cannot be read (files removed or truncated) is logged and
+    skipped in favour of the one before it. If steps exist but none reads,
+    this raises rather than let a fresh run overwrite them.
+    """
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    reasons = []
+    for step in steps:
+      try:
+        return self.restore(template, step)
+      except DamagedCheckpointError as e:
+        logging.warning('Skipping unreadable checkpoint: %s', e)
+        reasons.append(str(e))
+    if steps:
+      raise CheckpointError(
+          f'No checkpoint in {self.directory} can be restored into this run '
+          f'(was config.dtype or the optimiser changed?); move them away to '
+          f'start afresh. Newest: {reasons[0]}')
+    return None
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -100,7 +144,7 @@ def load_variables(path: str) -> dict:
   step_dir = _step_directory(path)
   with ocp.StandardCheckpointer() as checkpointer:
     state = checkpointer.restore(step_dir / STATE)
-  return {'params': state['params'], 'batch_stats': state['batch_stats']}
+  return {k: state[k] for k in MODEL_COLLECTIONS}
 
 
 def checkpoint_step(path: str) -> int:

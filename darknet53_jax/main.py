@@ -18,6 +18,7 @@ from darknet53_jax import checkpoints
 from darknet53_jax import config_checks
 from darknet53_jax import distributed
 from darknet53_jax import input_pipeline
+from darknet53_jax import preemption
 from darknet53_jax import trainer
 
 FLAGS = flags.FLAGS
@@ -32,8 +33,8 @@ config_flags.DEFINE_config_file('config', None, 'Path to a config file.',
                                 lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])
 
-USER_ERRORS = (config_checks.ConfigError, input_pipeline.DataError,
-               checkpoints.CheckpointError)
+FATAL_ERRORS = (config_checks.ConfigError, input_pipeline.DataError,
+                checkpoints.CheckpointError, trainer.DivergedError)
 
 
 def _load_config():
@@ -97,9 +98,12 @@ def main(argv):
                                   FLAGS.checkpoint)
     else:
       trainer.train_and_evaluate(config, FLAGS.workdir)
-  except USER_ERRORS as e:
+  except FATAL_ERRORS as e:
     logging.error('%s', e)
     sys.exit(f'error: {e}')
+  except preemption.Preempted as e:
+    logging.warning('%s', e)
+    sys.exit(e.exit_status)
 
 
 if __name__ == '__main__':

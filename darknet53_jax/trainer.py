@@ -24,9 +24,14 @@ from darknet53_jax import checkpoints
 from darknet53_jax import config_checks
 from darknet53_jax import input_pipeline
 from darknet53_jax import optim
+from darknet53_jax import preemption
 from darknet53_jax import train
 
 CHECKPOINT_DIR = 'checkpoints'
+
+
+class DivergedError(RuntimeError):
+  """Too many consecutive steps with a non-finite loss or gradient."""
 
 
 def _prepare_data(config) -> 'input_pipeline.tfds.core.DatasetBuilder':
@@ -135,8 +140,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   manager = checkpoints.CheckpointManager(
       epath.Path(workdir) / CHECKPOINT_DIR, config.max_checkpoints_to_keep)
-  if manager.latest_step() is not None:
-    state = manager.restore(state)
+  restored = manager.restore_latest_good(state)
+  if restored is not None:
+    state = restored
     logging.info('Resumed from step %d in %s.', int(state.step),
                  manager.directory)
   elif config.init_from:
@@ -165,31 +171,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   interval_start = time.perf_counter()
   end_step = total_steps if stop_at_step is None else min(stop_at_step,
                                                           total_steps)
-  for step in range(start_step, end_step):
-    state, metrics = train_step(state, next(batches))
-    pending.append(metrics)
-    done = step + 1
-    for hook in hooks:
-      hook(done)
-    if done % config.log_every_steps == 0 or done == total_steps:
-      elapsed = time.perf_counter() - interval_start
-      _write_train(writer, done, pending, config, elapsed)
-      pending, interval_start = [], time.perf_counter()
-    if done % steps_per_epoch == 0:
-      epoch = done // steps_per_epoch
-      last = done == total_steps
-      if last or epoch % config.eval_every_epochs == 0:
-        eval_metrics = evaluate(state, eval_step, mesh, builder, config,
-                                config.eval_split)
-        _write_eval(writer, done, eval_metrics)
-      if last or epoch % config.checkpoint_every_epochs == 0:
-        manager.save(done, state, config)
+  nonfinite_run = 0
+  with preemption.StopRequests() as stop:
+    for step in range(start_step, end_step):
+      state, metrics = train_step(state, next(batches))
+      pending.append(metrics)
+      done = step + 1
+      for hook in hooks:
+        hook(done)
+      if done % config.log_every_steps == 0 or done == end_step:
+        history = jax.device_get(pending)
+        nonfinite_run = _check_finite(history, nonfinite_run, done, config)
+        _write_train(writer, done, history, config,
+                     time.perf_counter() - interval_start)
+        pending, interval_start = [], time.perf_counter()
+      if done % steps_per_epoch == 0:
+        epoch = done // steps_per_epoch
+        last = done == total_steps
+        if last or epoch % config.eval_every_epochs == 0:
+          eval_metrics = evaluate(state, eval_step, mesh, builder, config,
+                                  config.eval_split)
+          _write_eval(writer, done, eval_metrics)
+        if last or epoch % config.checkpoint_every_epochs == 0:
+          manager.save(done, state, config)
+      if stop.requested(done) and done < total_steps:
+        _save_and_close(manager, done, state, config)
+        writer.flush()
+        raise preemption.Preempted(done, stop.signum)
   if end_step < total_steps:
-    if manager.latest_step() != end_step:
-      manager.save(end_step, state, config)
+    _save_and_close(manager, end_step, state, config)
     logging.info('Stopped at step %d of %d; rerun to resume.', end_step,
                  total_steps)
-  elif not eval_metrics:
+    return eval_metrics
+  if not eval_metrics:
     eval_metrics = evaluate(state, eval_step, mesh, builder, config,
                             config.eval_split)
     _write_eval(writer, int(state.step), eval_metrics)
@@ -197,6 +211,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   manager.close()
   writer.flush()
   return eval_metrics
+
+
+def _save_and_close(manager, step: int, state, config) -> None:
+  """Checkpoints ``step`` unless already saved, and waits for the write."""
+  if manager.latest_step() != step:
+    manager.save(step, state, config)
+  manager.wait()
+  manager.close()
+  logging.info('Checkpoint for step %d is complete in %s.', step,
+               manager.directory)
+
+
+def _check_finite(history: list, run: int, step: int, config) -> int:
+  """Updates the count of consecutive non-finite steps ending at ``step``.
+
+  float16 skips such steps through the loss scale; for float32 and bfloat16
+  they are skipped too (no parameter changes), but a long run of them means
+  the training has diverged and is stopped.
+  """
+  for metrics in history:
+    run = 0 if metrics['finite'] else run + 1
+  limit = config.max_consecutive_nonfinite_steps
+  if config.dtype != 'float16' and run >= limit:
+    raise DivergedError(
+        f'{run} consecutive steps up to step {step} had a non-finite loss or '
+        'gradient (the checkpoints hold the last good state): lower '
+        'config.learning_rate or use another config.dtype.')
+  return run
 
 
 def _flat_hparams(tree: dict, prefix: str = '') -> dict:
@@ -211,10 +253,9 @@ def _flat_hparams(tree: dict, prefix: str = '') -> dict:
   return flat
 
 
-def _write_train(writer, step: int, pending: list, config,
+def _write_train(writer, step: int, history: list, config,
                  elapsed: float) -> None:
   """Averages the steps since the last write and writes them."""
-  history = jax.device_get(pending)
   means = {k: float(np.mean([m[k] for m in history])) for k in history[0]}
   scalars = {
       'train/loss': means['loss'],

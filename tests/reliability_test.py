@@ -1,0 +1,128 @@
+"""Preemption, crashes, damaged checkpoints and divergence."""
+
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from darknet53_jax import checkpoints
+from darknet53_jax import trainer
+from tests import conftest
+
+EPOCHS = 3
+STEPS = EPOCHS * (1437 // 128)
+
+
+def _flags(data_dir, workdir):
+  return ['--config=configs/quickstart.py', f'--config.data_dir={data_dir}',
+          '--config.model.width_multiplier=0.125',
+          '--config.model.stage_depths=(1,1,1,1,1)',
+          f'--config.num_epochs={EPOCHS}', '--config.batch_size=128',
+          '--config.checkpoint_every_epochs=1', '--config.eval_every_epochs=3',
+          '--config.log_every_steps=1', f'--workdir={workdir}']
+
+
+def _start(data_dir, workdir):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', JAX_PLATFORMS='cpu')
+  return subprocess.Popen(
+      [sys.executable, '-m', 'darknet53_jax.main', *_flags(data_dir, workdir)],
+      cwd=conftest.REPO, env=env, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_training(process, timeout=300):
+  """Reads the log until the first train metrics appear."""
+  deadline = time.time() + timeout
+  for line in process.stderr:
+    if 'train/loss' in line or time.time() > deadline:
+      return
+  raise AssertionError('training never started')
+
+
+def _finish(data_dir, workdir):
+  process = _start(data_dir, workdir)
+  _, err = process.communicate(timeout=600)
+  assert process.returncode == 0, err[-3000:]
+  return err
+
+
+@pytest.fixture(scope='module')
+def reference_params(digits_data_dir, tmp_path_factory):
+  """Parameters of an uninterrupted run of the same config."""
+  workdir = tmp_path_factory.mktemp('uninterrupted')
+  config = conftest.tiny_config(digits_data_dir)
+  config.num_epochs = EPOCHS
+  config.eval_every_epochs = 3
+  trainer.train_and_evaluate(config, str(workdir))
+  return checkpoints.load_variables(str(workdir))
+
+
+def _assert_same(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_sigterm_checkpoints_the_current_step_and_resumes(
+    digits_data_dir, tmp_path, reference_params):
+  process = _start(digits_data_dir, tmp_path)
+  _wait_for_training(process)
+  time.sleep(1.0)
+  process.send_signal(signal.SIGTERM)
+  _, err = process.communicate(timeout=300)
+  assert process.returncode == 128 + signal.SIGTERM, err[-3000:]
+  stopped_at = checkpoints.checkpoint_step(str(tmp_path))
+  assert f'stopped by SIGTERM at step {stopped_at}' in err
+  assert 0 < stopped_at < STEPS
+  assert f'Resumed from step {stopped_at}' in _finish(digits_data_dir,
+                                                      tmp_path)
+  assert checkpoints.checkpoint_step(str(tmp_path)) == STEPS
+  _assert_same(checkpoints.load_variables(str(tmp_path)), reference_params)
+
+
+@pytest.mark.parametrize('seed', [0, 1])
+def test_sigkill_at_a_random_moment_resumes_from_a_complete_checkpoint(
+    digits_data_dir, tmp_path, reference_params, seed):
+  process = _start(digits_data_dir, tmp_path)
+  _wait_for_training(process)
+  time.sleep(random.Random(seed).uniform(0.0, 6.0))
+  process.kill()
+  process.communicate(timeout=60)
+  err = _finish(digits_data_dir, tmp_path)
+  assert 'Traceback' not in err
+  assert checkpoints.checkpoint_step(str(tmp_path)) == STEPS
+  _assert_same(checkpoints.load_variables(str(tmp_path)), reference_params)
+
+
+def test_damaged_latest_checkpoint_is_skipped(digits_data_dir, tmp_path,
+                                              caplog):
+  caplog.set_level(logging.INFO)
+  config = conftest.tiny_config(digits_data_dir)
+  trainer.train_and_evaluate(config, str(tmp_path), stop_at_step=13)
+  directory = tmp_path / 'checkpoints'
+  assert sorted(int(p.name) for p in directory.iterdir()
+                if p.name.isdigit()) == [11, 13]
+  for path in (directory / '13' / 'state').rglob('*'):
+    if path.is_file() and path.stat().st_size > 1000:
+      path.write_bytes(path.read_bytes()[:100])  # Truncate the arrays.
+  trainer.train_and_evaluate(config, str(tmp_path), stop_at_step=14)
+  assert 'Skipping unreadable checkpoint' in caplog.text
+  assert 'Resumed from step 11' in caplog.text
+  assert checkpoints.checkpoint_step(str(tmp_path)) == 14
+
+
+def test_diverging_float32_run_stops_with_a_clear_error(digits_data_dir,
+                                                       tmp_path):
+  config = conftest.tiny_config(digits_data_dir)
+  config.learning_rate = 1e30
+  config.warmup_epochs = 0
+  config.max_consecutive_nonfinite_steps = 3
+  config.log_every_steps = 1
+  with pytest.raises(trainer.DivergedError, match='non-finite'):
+    trainer.train_and_evaluate(config, str(tmp_path))
+  assert not (tmp_path / 'checkpoints' / '22').exists()
