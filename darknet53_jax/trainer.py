@@ -94,10 +94,24 @@ def _create_writer(workdir: str) -> metric_writers.MetricWriter:
       workdir, just_logging=jax.process_index() > 0)
 
 
+def _check_writable(workdir: str) -> None:
+  """Creates the workdir and proves it writable, before any work starts."""
+  path = epath.Path(workdir)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f'.write_probe_{jax.process_index()}'
+    probe.write_text('ok')
+    probe.unlink()
+  except OSError as e:
+    raise config_checks.ConfigError(
+        f'Cannot write to --workdir={workdir} ({e.strerror or e}): choose a '
+        'directory you can write to.') from None
+
+
 def _setup(config: ml_collections.ConfigDict, workdir: str):
   """Validates the config and workdir and builds data, mesh and model."""
   config_checks.validate(config, jax.device_count(), jax.process_count())
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  _check_writable(workdir)
   builder = _prepare_data(config)
   mesh = train.create_mesh()
   model = train.create_model(config, config.num_classes)

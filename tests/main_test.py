@@ -72,12 +72,19 @@ def test_cli_trains_then_evaluates_only(digits_data_dir, tmp_path):
      'does not divide over 2 devices'),
     ('unknown key', ['--config.no_such_key=1'], 1, 'no_such_key'),
     ('eval without checkpoint', ['--eval_only'], 1, 'No checkpoint at'),
+    ('config does not parse', ['--config=tests/data/broken_config.py'], 1,
+     'SyntaxError'),
+    ('dataset not prepared', ['--config.dataset=imagenet2012',
+                              '--config.num_classes=1000'], 1,
+     'not prepared'),
+    ('workdir not writable', ['--workdir=/proc/darknet53'], 1,
+     'Cannot write to --workdir=/proc/darknet53'),
 ])
 def test_bad_input_stops_with_one_clear_line(digits_data_dir, tmp_path, case,
                                              extra, devices, message):
   del case
-  result = _main(*_tiny_flags(digits_data_dir), *extra,
-                 f'--workdir={tmp_path}', devices=devices)
+  result = _main(*_tiny_flags(digits_data_dir), f'--workdir={tmp_path}',
+                 *extra, devices=devices)
   assert result.returncode != 0
   assert message in result.stderr.strip().splitlines()[-1]
   assert 'Traceback' not in result.stderr

@@ -1,0 +1,4 @@
+"""A config with a syntax error, for the CLI error tests."""
+
+def get_config(:
+  pass
