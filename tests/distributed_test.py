@@ -145,13 +145,15 @@ def reference_run(data_dir: str, output: str) -> None:
                       'batch_stats': state.batch_stats})))
 
 
-def _run_processes(commands: list[list[str]], env: dict,
-                   timeout: float) -> tuple[list[int], list[str], float]:
-  """Runs commands concurrently; kills them all if one overruns."""
+def _run_processes(runs: list[tuple[list[str], dict]],
+                   timeout: float) -> tuple[list[int], list[str]]:
+  """Runs (command, environment) pairs concurrently; kills them all if one
+  overruns."""
   start = time.perf_counter()
-  procs = [subprocess.Popen(c, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True) for c in commands]
+  procs = [subprocess.Popen(command, cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+           for command, env in runs]
   logs = []
   try:
     for p in procs:
@@ -162,46 +164,45 @@ def _run_processes(commands: list[list[str]], env: dict,
       if p.poll() is None:
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
-  return [p.returncode for p in procs], logs, time.perf_counter() - start
+  return [p.returncode for p in procs], logs
 
 
 @pytest.fixture(scope='module')
 def two_process_run(digits_data_dir, tmp_path_factory):
-  """Trains with 2 processes x 2 devices; returns the workdir and logs."""
+  """Trains with 2 processes x 2 devices and, alongside, the one-process
+  reference with 4 devices.
+
+  Returns:
+    (workdir, the two processes' logs, the reference's flat variables).
+  """
   workdir = str(tmp_path_factory.mktemp('two_processes'))
+  reference = str(tmp_path_factory.mktemp('reference') / 'variables.npz')
   common = _config_flags(digits_data_dir) + [
       f'--workdir={workdir}', f'--coordinator_address=127.0.0.1:{_free_port()}',
       f'--num_processes={NUM_PROCESSES}', '--distributed_timeout=120']
-  returncodes, logs, elapsed = _run_processes(
-      [_main(*common, f'--process_id={i}') for i in range(NUM_PROCESSES)],
-      _env(DEVICES_PER_PROCESS), RUN_TIMEOUT_S)
+  runs = [(_main(*common, f'--process_id={i}'), _env(DEVICES_PER_PROCESS))
+          for i in range(NUM_PROCESSES)]
+  runs.append(([sys.executable, os.path.abspath(__file__), digits_data_dir,
+                reference], _env(NUM_PROCESSES * DEVICES_PER_PROCESS)))
+  start = time.perf_counter()
+  returncodes, logs = _run_processes(runs, RUN_TIMEOUT_S)
+  print(f'two-process training and reference: '
+        f'{time.perf_counter() - start:.1f} s')
   for code, log in zip(returncodes, logs):
     assert code == 0, log[-5000:]
-  print(f'two-process training: {elapsed:.1f} s')
-  return workdir, logs
-
-
-@pytest.fixture(scope='module')
-def reference_params(digits_data_dir, tmp_path_factory):
-  output = str(tmp_path_factory.mktemp('reference') / 'params.npz')
-  result = subprocess.run(
-      [sys.executable, os.path.abspath(__file__), digits_data_dir, output],
-      cwd=REPO, env=_env(NUM_PROCESSES * DEVICES_PER_PROCESS),
-      capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False)
-  assert result.returncode == 0, result.stderr[-5000:]
-  with np.load(output) as data:
-    return {k: data[k] for k in data.files}
+  with np.load(reference) as data:
+    return workdir, logs[:NUM_PROCESSES], {k: data[k] for k in data.files}
 
 
 def test_two_processes_match_one_process_on_the_same_batches(
-    two_process_run, reference_params):
+    two_process_run):
   from darknet53_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  workdir, logs = two_process_run
+  workdir, logs, reference = two_process_run
   for i, log in enumerate(logs):
     assert f'[process {i}/{NUM_PROCESSES}]' in log
     assert f'JAX process {i} of {NUM_PROCESSES}, {DEVICES_PER_PROCESS} local ' \
         f'and {NUM_PROCESSES * DEVICES_PER_PROCESS} global devices' in log
-  reference = dict(reference_params)
+  reference = dict(reference)
   assert int(reference.pop('devices')) == NUM_PROCESSES * DEVICES_PER_PROCESS
   trained = _flat_arrays(checkpoints.load_variables(workdir))
   difference = _max_relative_difference(trained, reference)
@@ -210,7 +211,7 @@ def test_two_processes_match_one_process_on_the_same_batches(
 
 
 def test_two_process_eval_counts_every_example_once(two_process_run):
-  _, logs = two_process_run
+  _, logs, _ = two_process_run
   for log in logs:
     evals = _eval_lines(log)
     assert evals, log[-3000:]
@@ -219,7 +220,7 @@ def test_two_process_eval_counts_every_example_once(two_process_run):
 
 def test_checkpoint_of_two_processes_evaluates_on_one_device(
     two_process_run, digits_data_dir, tmp_path):
-  workdir, logs = two_process_run
+  workdir, logs, _ = two_process_run
   result = subprocess.run(
       _main(*_config_flags(digits_data_dir), f'--workdir={tmp_path}',
             '--eval_only', f'--checkpoint={workdir}'),
