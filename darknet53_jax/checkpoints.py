@@ -13,6 +13,7 @@ from typing import Any
 from absl import logging
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -142,8 +143,14 @@ def load_variables(path: str) -> dict:
   folder. Only arrays are read: nothing in the file is executed.
   """
   step_dir = _step_directory(path)
-  with ocp.StandardCheckpointer() as checkpointer:
-    state = checkpointer.restore(step_dir / STATE)
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    metadata = checkpointer.metadata(step_dir / STATE).item_metadata.tree
+    # NumPy arrays, not the saved shardings: a checkpoint written on any
+    # number of devices and processes loads on this one.
+    to_host = jax.tree.map(
+        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+    state = checkpointer.restore(
+        step_dir / STATE, args=ocp.args.PyTreeRestore(restore_args=to_host))
   return {k: state[k] for k in MODEL_COLLECTIONS}
 
 
