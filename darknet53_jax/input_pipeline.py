@@ -6,60 +6,152 @@ process's share shuffled with a seed derived from (seed, e), and every
 example's augmentation is drawn with stateless ops from (seed, its position in
 the stream). Resuming at a step therefore rebuilds exactly the batches an
 uninterrupted run would have seen, with no iterator state to checkpoint.
+
+An image that cannot be decoded (corrupt or truncated) stops nothing: in a
+train batch its slot is filled with a copy of a readable image of the same
+batch (so batch boundaries, and resume, are unchanged); in evaluation it
+becomes a blank example with mask 0, so metrics count readable images only.
+Either way it is counted and logged.
 """
 
 import math
-from typing import Iterator
+import os
+from typing import Callable, Iterator
 
+from absl import logging
 import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from darknet53_jax import datasets  # noqa: F401  (registers our builders)
+from darknet53_jax.datasets import image_folder
 
 TF_DTYPES = {'float32': tf.float32, 'bfloat16': tf.bfloat16,
              'float16': tf.float16}
 INTERPOLATIONS = {'bilinear': tf.image.ResizeMethod.BILINEAR,
                   'bicubic': tf.image.ResizeMethod.BICUBIC}
+# The antialiasing kernels tf.image.resize uses for each interpolation.
+AA_KERNELS = {'bilinear': 'triangle', 'bicubic': 'keyscubic'}
+# tf.image.rgb_to_grayscale's (and torchvision's) weights.
+GREY_WEIGHTS = (0.2989, 0.5870, 0.1140)
 # Datasets that ship their data and so are prepared on first use.
 EMBEDDED_DATASETS = ('sklearn_digits',)
+# Archives that must be downloaded by hand before preparing a dataset.
+MANUAL_FILES = {'imagenet2012': ('ILSVRC2012_img_train.tar',
+                                 'ILSVRC2012_img_val.tar')}
+# Tries at a random crop before the centre-crop fallback, as in torchvision's
+# RandomResizedCrop and MindSpore's RandomCropDecodeResize.
+CROP_ATTEMPTS = 10
+# Per batch: how many of its images could not be decoded.
+CORRUPT = 'corrupt'
 
 
 class DataError(ValueError):
   """A dataset that is unknown, unprepared or mis-configured."""
 
 
-def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-  """The tfds builder for ``config.dataset`` in ``config.data_dir``."""
-  try:
-    builder = tfds.builder(config.dataset, data_dir=config.data_dir)
-  except tfds.core.registered.DatasetNotFoundError:
-    raise DataError(
-        f'Unknown dataset {config.dataset!r}: set config.dataset to a '
-        'tensorflow-datasets name (for example imagenet2012) or '
-        f'{EMBEDDED_DATASETS[0]}.') from None
+def builder_from_name(name: str,
+                      data_dir: str | None) -> tfds.core.DatasetBuilder:
+  """The builder for a tfds name (``name[:version]``) or an image folder.
+
+  Args:
+    name: a tensorflow-datasets name such as ``imagenet2012`` or
+      ``imagenet2012:5.0.0``, ``sklearn_digits``, or ``image_folder:/path``
+      for a folder of ``SPLIT/CLASS/image`` files.
+    data_dir: where tfds keeps prepared datasets (None: its default).
+
+  Raises:
+    DataError: for an unknown name, a missing folder, or a dataset without
+      an image and a class label.
+  """
+  if name.startswith(image_folder.PREFIX):
+    root = name[len(image_folder.PREFIX):]
+    try:
+      builder = image_folder.ImageFolder(root_dir=root, data_dir=data_dir)
+    except FileNotFoundError as e:
+      raise DataError(f'Dataset {name!r}: {e}') from None
+  else:
+    try:
+      builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+      raise DataError(
+          f'Unknown dataset {name!r}: use a tensorflow-datasets name (for '
+          f'example imagenet2012), {EMBEDDED_DATASETS[0]}, or '
+          f'{image_folder.PREFIX}/path/to/folder.') from None
+  image_key, label_key = _feature_keys(builder)
+  features = builder.info.features
+  if not (isinstance(features[image_key], tfds.features.Image)
+          and isinstance(features[label_key], tfds.features.ClassLabel)):
+    raise DataError(f'Dataset {name!r} is not image classification: its '
+                    f'{image_key!r} and {label_key!r} features are not an '
+                    'image and a class label.')
   return builder
 
 
+def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  """The builder for ``config.dataset`` in ``config.data_dir``."""
+  return builder_from_name(config.dataset, config.data_dir)
+
+
+def _feature_keys(builder) -> tuple[str, str]:
+  """The (image, label) feature names: the supervised keys if plain."""
+  keys = builder.info.supervised_keys
+  if keys and len(keys) == 2 and all(isinstance(k, str) for k in keys):
+    return keys
+  return 'image', 'label'
+
+
+def default_manual_dir(builder: tfds.core.DatasetBuilder) -> str:
+  """Where tfds looks for manual downloads when none is given."""
+  return os.path.join(builder.data_dir_root, 'downloads', 'manual')
+
+
+def preparation_instructions(builder: tfds.core.DatasetBuilder,
+                             manual_dir: str | None = None) -> str:
+  """How to prepare ``builder``'s dataset: the files it needs, the command."""
+  data_dir = builder.data_dir_root
+  command = ('python -m darknet53_jax.prepare_data '
+             f'--dataset={builder.name} --data_dir={data_dir}')
+  if builder.name in MANUAL_FILES or builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+    files = ' and '.join(MANUAL_FILES.get(builder.name, ('its archives',)))
+    return (f'Download {files} (see {builder.info.homepage}) into a directory '
+            f'MANUAL_DIR (default {default_manual_dir(builder)}), then run '
+            f'once: `{command} --manual_dir={manual_dir or "MANUAL_DIR"}` '
+            f'and train with --config.data_dir={data_dir}.')
+  return f'Run once: `{command}` and train with --config.data_dir={data_dir}.'
+
+
+def missing_manual_files(builder: tfds.core.DatasetBuilder,
+                         manual_dir: str | None) -> list[str]:
+  """The files of ``MANUAL_FILES`` absent from ``manual_dir`` (or default)."""
+  directory = manual_dir or default_manual_dir(builder)
+  return [f for f in MANUAL_FILES.get(builder.name, ())
+          if not tf.io.gfile.exists(os.path.join(directory, f))]
+
+
 def ensure_prepared(builder: tfds.core.DatasetBuilder) -> None:
-  """Prepares embedded datasets; for others, fails clearly if unprepared.
+  """Prepares embedded datasets and image folders; fails clearly otherwise.
 
   Call on one process only; the others wait for it.
+
+  Raises:
+    DataError: if the dataset is not prepared and needs a download (or the
+      manual archives), with the files to fetch and the command to run.
   """
   if builder.is_prepared():
     return
-  if builder.name in EMBEDDED_DATASETS:
+  if builder.name in EMBEDDED_DATASETS or isinstance(
+      builder, image_folder.ImageFolder):
     builder.download_and_prepare()
     return
   raise DataError(
-      f'Dataset {builder.name!r} is not prepared in {builder.data_dir!r}: '
-      f'run `python -m darknet53_jax.prepare_data --dataset={builder.name} '
-      '--data_dir=DIR` and set config.data_dir=DIR.')
+      f'Dataset {builder.name!r} is not prepared in {builder.data_dir_root}. '
+      + preparation_instructions(builder))
 
 
 def num_classes(builder: tfds.core.DatasetBuilder) -> int:
-  return builder.info.features['label'].num_classes
+  return builder.info.features[_feature_keys(builder)[1]].num_classes
 
 
 def num_examples(builder: tfds.core.DatasetBuilder, split) -> int:
@@ -71,91 +163,188 @@ def num_examples(builder: tfds.core.DatasetBuilder, split) -> int:
         f'{sorted(builder.info.splits)}.') from None
 
 
+def get_eval_sets(
+    config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder
+) -> dict[str, tuple[tfds.core.DatasetBuilder, str]]:
+  """The evaluation sets by metric prefix, the main one first.
+
+  ``eval`` is ``(builder, config.eval_split)``; each entry ``NAME:
+  (dataset, split)`` of the optional ``config.eval_sets`` adds
+  ``eval_NAME``. The extra builders may still need ``ensure_prepared``.
+
+  Raises:
+    DataError: if an extra set's class count differs from ``builder``'s.
+  """
+  sets = {'eval': (builder, config.eval_split)}
+  for name, (dataset, split) in (config.get('eval_sets') or {}).items():
+    extra = builder_from_name(dataset, config.data_dir)
+    if num_classes(extra) != num_classes(builder):
+      raise DataError(
+          f'config.eval_sets.{name}: {dataset!r} has {num_classes(extra)} '
+          f'classes but {builder.name!r} has {num_classes(builder)}.')
+    sets[f'eval_{name}'] = (extra, split)
+  return sets
+
+
 def _read(builder, split) -> tf.data.Dataset:
   """Encoded images and labels, in the stored order."""
+  image_key, label_key = _feature_keys(builder)
   ds = builder.as_dataset(split=split, shuffle_files=False,
-                          decoders={'image': tfds.decode.SkipDecoding()})
-  return ds.map(lambda ex: {'image': ex['image'],
-                            'label': tf.cast(ex['label'], tf.int32)})
-
-
-def _image_shape(image_bytes):
-  """Height and width of an encoded image; cheap for JPEG (header only)."""
-  return tf.cond(
-      tf.io.is_jpeg(image_bytes),
-      lambda: tf.image.extract_jpeg_shape(image_bytes)[:2],
-      lambda: tf.shape(_decode(image_bytes))[:2])
+                          decoders={image_key: tfds.decode.SkipDecoding()})
+  return ds.map(lambda ex: {'image': ex[image_key],
+                            'label': tf.cast(ex[label_key], tf.int32)})
 
 
 def _decode(image_bytes):
   return tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
 
 
-def _decode_and_crop(image_bytes, offset_height, offset_width, height, width):
-  """Decodes only the window for JPEG (decode_and_crop_jpeg), else slices."""
-  window = tf.stack([offset_height, offset_width, height, width])
-  return tf.cond(
-      tf.io.is_jpeg(image_bytes),
-      lambda: tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3),
-      lambda: tf.image.crop_to_bounding_box(
-          _decode(image_bytes), offset_height, offset_width, height, width))
-
-
 def _random_crop_window(shape, seed, config):
-  """Inception-style crop: random area and aspect, else a centre crop."""
-  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      tf.concat([shape, [3]], 0),
-      bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]),
-      seed=seed, min_object_covered=0.1,
-      aspect_ratio_range=tuple(config.aspect_ratio_range),
-      area_range=tuple(config.crop_area_range), max_attempts=10,
-      use_image_if_no_bounding_boxes=True)
-  height, width = size[0], size[1]
-  # The sampler returns the whole image when all attempts fail; use the
-  # largest centred square instead, as Inception preprocessing does.
-  failed = tf.logical_and(tf.equal(height, shape[0]), tf.equal(width, shape[1]))
-  side = tf.minimum(shape[0], shape[1])
-  height = tf.where(failed, side, height)
-  width = tf.where(failed, side, width)
-  top = tf.where(failed, (shape[0] - side) // 2, begin[0])
-  left = tf.where(failed, (shape[1] - side) // 2, begin[1])
-  return top, left, height, width
+  """torchvision's (and MindSpore's) RandomResizedCrop window.
+
+  Up to CROP_ATTEMPTS tries: area uniform in ``crop_area_range`` of the
+  image's, aspect ratio log-uniform in ``aspect_ratio_range``; the first that
+  fits is placed uniformly at random. If none fits: a centred crop of the
+  whole image, narrowed to the nearest aspect ratio in range.
+
+  Returns:
+    (top, left, height, width) as int32 scalars.
+  """
+  area_seed, ratio_seed, top_seed, left_seed = tf.unstack(
+      tf.random.experimental.stateless_split(seed, 4))
+  height, width = shape[0], shape[1]
+  fheight, fwidth = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+  min_ratio, max_ratio = config.aspect_ratio_range
+  area = fheight * fwidth * tf.random.stateless_uniform(
+      [CROP_ATTEMPTS], area_seed, *config.crop_area_range)
+  ratio = tf.exp(tf.random.stateless_uniform(
+      [CROP_ATTEMPTS], ratio_seed, math.log(min_ratio), math.log(max_ratio)))
+  widths = tf.cast(tf.round(tf.sqrt(area * ratio)), tf.int32)
+  heights = tf.cast(tf.round(tf.sqrt(area / ratio)), tf.int32)
+  fits = ((widths > 0) & (widths <= width) & (heights > 0) &
+          (heights <= height))
+  first = tf.argmax(tf.cast(fits, tf.int32))
+
+  def random_window():
+    crop_height, crop_width = heights[first], widths[first]
+    top = tf.random.stateless_uniform([], top_seed, 0, height - crop_height + 1,
+                                      dtype=tf.int32)
+    left = tf.random.stateless_uniform([], left_seed, 0,
+                                       width - crop_width + 1, dtype=tf.int32)
+    return top, left, crop_height, crop_width
+
+  def centre_window():
+    image_ratio = fwidth / fheight
+    crop_height = tf.where(
+        image_ratio < min_ratio,
+        tf.cast(tf.round(fwidth / min_ratio), tf.int32), height)
+    crop_width = tf.where(
+        image_ratio > max_ratio,
+        tf.cast(tf.round(fheight * max_ratio), tf.int32), width)
+    return ((height - crop_height) // 2, (width - crop_width) // 2,
+            crop_height, crop_width)
+
+  return tf.cond(tf.reduce_any(fits), random_window, centre_window)
 
 
-def _color_jitter(image, seed, strength: float):
-  """Brightness, contrast and saturation factors in [1 - s, 1 + s], as
-  torchvision's ColorJitter (and the reference's RandomColorAdjust)."""
-  seeds = tf.random.experimental.stateless_split(seed, 3)
-  factor = lambda s: tf.random.stateless_uniform(
-      [], s, 1.0 - strength, 1.0 + strength)
-  image = image * factor(seeds[0])
-  grey_mean = tf.reduce_mean(tf.image.rgb_to_grayscale(image))
-  image = grey_mean + (image - grey_mean) * factor(seeds[1])
-  grey = tf.image.rgb_to_grayscale(image)
-  image = grey + (image - grey) * factor(seeds[2])
-  return tf.clip_by_value(image, 0.0, 255.0)
+def _decode_random_crop(image_bytes, seed, config):
+  """The random crop, decoding only its window for JPEG."""
+  def jpeg():
+    window = _random_crop_window(tf.image.extract_jpeg_shape(image_bytes),
+                                 seed, config)
+    return tf.image.decode_and_crop_jpeg(image_bytes, tf.stack(window),
+                                         channels=3)
+
+  def other():
+    image = _decode(image_bytes)
+    top, left, height, width = _random_crop_window(tf.shape(image), seed,
+                                                   config)
+    return image[top:top + height, left:left + width]
+
+  return tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other)
 
 
-def _normalize(image, config):
-  mean = tf.constant(config.mean_rgb, tf.float32) * 255.0
-  std = tf.constant(config.std_rgb, tf.float32) * 255.0
-  return tf.cast((image - mean) / std, TF_DTYPES[config.dtype])
+def _jitter_factors(seed, strength: float):
+  """Brightness, contrast and saturation factors, uniform in 1 +- strength."""
+  return tf.stack([
+      tf.random.stateless_uniform([], s, 1.0 - strength, 1.0 + strength)
+      for s in tf.unstack(tf.random.experimental.stateless_split(seed, 3))])
+
+
+def _color_jitter(image, brightness, contrast, saturation):
+  """torchvision's ColorJitter brightness, contrast, saturation, in order.
+
+  All three are linear in the pixels, so they are composed into one step (a
+  scale, an offset and a mix with the grey level); the caller clips once.
+  """
+  grey = sum(w * image[..., c] for c, w in enumerate(GREY_WEIGHTS))
+  # Brightness, then contrast about the mean grey level: scale * x + offset.
+  scale = contrast * brightness
+  offset = (1.0 - contrast) * brightness * tf.reduce_mean(grey)
+  # Saturation mixes x' with grey(x') = scale * grey + offset * sum(weights).
+  return ((saturation * scale) * image
+          + ((1.0 - saturation) * scale) * grey[..., None]
+          + offset * (saturation + (1.0 - saturation) * sum(GREY_WEIGHTS)))
+
+
+@tf.function(jit_compile=True)
+def _finish(image, jitter, mean, std, dtype):
+  """Colour jitter (unless ``jitter`` is None), clip, normalise, cast.
+
+  One XLA kernel: as separate TF ops these passes over the image cost more
+  than the resize before them.
+
+  Args:
+    image: float32 [height, width, 3] in [0, 255] (up to resize overshoot).
+    jitter: None, or float32 [3] brightness, contrast, saturation factors.
+    mean: float32 [3], subtracted.
+    std: float32 [3], divided by.
+    dtype: the output dtype.
+
+  Returns:
+    The normalised image in ``dtype``.
+  """
+  if jitter is not None:
+    image = _color_jitter(image, *tf.unstack(jitter))
+  image = tf.clip_by_value(image, 0.0, 255.0)
+  return tf.cast((image - mean) / std, dtype)
+
+
+def _finish_for(image, config, jitter=None):
+  """``_finish`` with ``config``'s normalisation and compute dtype."""
+  return _finish(image, jitter,
+                 tf.constant(config.mean_rgb, tf.float32) * 255.0,
+                 tf.constant(config.std_rgb, tf.float32) * 255.0,
+                 TF_DTYPES[config.dtype])
 
 
 def preprocess_train(image_bytes, seed, config):
-  """Random-resized crop on the compressed bytes, flip, jitter, normalise."""
+  """Random-resized crop on the compressed bytes, flip, jitter, normalise.
+
+  The resize is not antialiased, as the reference's (OpenCV bilinear) and
+  the Flax example's; flipping the crop before resizing it is the same as
+  flipping after, and cheaper.
+
+  Args:
+    image_bytes: an encoded image (JPEG, PNG, GIF or BMP).
+    seed: int64 [2], the stateless seed of every random choice.
+    config: train_size, crop_area_range, aspect_ratio_range, interpolation,
+      random_flip, color_jitter, mean_rgb, std_rgb, dtype.
+
+  Returns:
+    [train_size, train_size, 3] in ``config.dtype``.
+  """
   crop_seed, flip_seed, jitter_seed = tf.unstack(
       tf.random.experimental.stateless_split(seed, 3))
-  window = _random_crop_window(_image_shape(image_bytes), crop_seed, config)
-  image = _decode_and_crop(image_bytes, *window)
-  image = tf.image.resize(image, [config.train_size, config.train_size],
-                          method=INTERPOLATIONS[config.interpolation],
-                          antialias=True)
+  image = _decode_random_crop(image_bytes, crop_seed, config)
   if config.random_flip:
     image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-  if config.color_jitter:
-    image = _color_jitter(image, jitter_seed, config.color_jitter)
-  return _normalize(tf.clip_by_value(image, 0.0, 255.0), config)
+  image = tf.image.resize(tf.cast(image, tf.float32),
+                          [config.train_size, config.train_size],
+                          method=INTERPOLATIONS[config.interpolation])
+  jitter = (_jitter_factors(jitter_seed, config.color_jitter)
+            if config.color_jitter else None)
+  return _finish_for(image, config, jitter)
 
 
 def eval_resize_size(config) -> int:
@@ -164,20 +353,118 @@ def eval_resize_size(config) -> int:
 
 
 def preprocess_eval(image_bytes, config):
-  """Resize the shorter side to eval_size / crop_pct, centre-crop eval_size."""
+  """Resize the shorter side to eval_resize_size, centre-crop eval_size.
+
+  Sizes and offsets follow torchvision's Resize(int) and CenterCrop (as timm
+  evaluates): the longer side is truncated, the crop offsets rounded. The
+  resize is antialiased (as PIL's) and computes the cropped window only.
+
+  Returns:
+    [eval_size, eval_size, 3] in ``config.dtype``.
+  """
   image = tf.cast(_decode(image_bytes), tf.float32)
-  shape = tf.cast(tf.shape(image)[:2], tf.float32)
-  scale = eval_resize_size(config) / tf.reduce_min(shape)
-  resized = tf.cast(tf.math.round(shape * scale), tf.int32)
-  resized = tf.maximum(resized, config.eval_size)
-  image = tf.image.resize(image, resized,
-                          method=INTERPOLATIONS[config.interpolation],
-                          antialias=True)
-  top = (resized[0] - config.eval_size) // 2
-  left = (resized[1] - config.eval_size) // 2
-  image = tf.image.crop_to_bounding_box(image, top, left, config.eval_size,
-                                        config.eval_size)
-  return _normalize(tf.clip_by_value(image, 0.0, 255.0), config)
+  shape = tf.shape(image)[:2]
+  resized = tf.maximum(eval_resize_size(config) * shape // tf.reduce_min(shape),
+                       config.eval_size)
+  offset = tf.round(tf.cast(resized - config.eval_size, tf.float32) / 2)
+  image = tf.raw_ops.ScaleAndTranslate(
+      images=image[None], size=[config.eval_size, config.eval_size],
+      scale=tf.cast(resized, tf.float32) / tf.cast(shape, tf.float32),
+      translation=-offset, kernel_type=AA_KERNELS[config.interpolation],
+      antialias=True)[0]
+  return _finish_for(image, config)
+
+
+def _map_in_batches(ds: tf.data.Dataset, fn: Callable, batch_size: int,
+                    drop_remainder: bool) -> tf.data.Dataset:
+  """Maps ``fn`` over batches of ``ds``'s elements, dropping failures.
+
+  An element where ``fn`` fails (a corrupt image) is left out of its batch
+  rather than stopping the pipeline.
+
+  Returns:
+    Per batch: (the outputs that succeeded, stacked; their slots in the
+    batch, int32 [n]; the batch's element count).
+  """
+  def process(batch):
+    count = tf.shape(tf.nest.flatten(batch)[0])[0]
+    done = tf.data.Dataset.from_tensor_slices((batch, tf.range(count))).map(
+        lambda element, slot: (fn(element), slot),
+        num_parallel_calls=tf.data.AUTOTUNE).ignore_errors().batch(batch_size)
+    # If every element failed, `done` is empty: yield zero rows instead.
+    none = tf.nest.map_structure(
+        lambda spec: tf.zeros([0] + spec.shape[1:].as_list(), spec.dtype),
+        done.element_spec)
+    return done.concatenate(tf.data.Dataset.from_tensors(none)).take(1).map(
+        lambda rows, slots: (rows, slots, count))
+
+  # Two batches in flight, so that one's stragglers overlap the next.
+  return ds.batch(batch_size, drop_remainder=drop_remainder).interleave(
+      process, cycle_length=2, num_parallel_calls=2, deterministic=True)
+
+
+def _fill_train_batch(rows, slots, count):
+  """A full batch: each failed slot gets a copy of a readable row, in turn."""
+  readable = tf.size(slots)
+  check = tf.debugging.assert_positive(
+      readable, message='Every image of a train batch failed to decode: the '
+      'dataset is unreadable.')
+  with tf.control_dependencies([check]):
+    index = tf.range(count)
+    present = tf.scatter_nd(slots[:, None], tf.ones_like(slots), [count]) > 0
+    row = tf.scatter_nd(slots[:, None], tf.range(readable), [count])
+    source = tf.where(present, row, index % readable)
+  return {**tf.nest.map_structure(lambda x: tf.gather(x, source), rows),
+          CORRUPT: count - readable}
+
+
+def _fill_eval_batch(rows, slots, count, batch_size: int):
+  """A full batch: failed and missing slots are zeros with mask 0."""
+  scatter = lambda x: tf.scatter_nd(slots[:, None], x,
+                                    [batch_size] + x.shape[1:].as_list())
+  return {**tf.nest.map_structure(scatter, rows),
+          'mask': scatter(tf.ones_like(slots)),
+          CORRUPT: count - tf.size(slots)}
+
+
+class Batches:
+  """Per-process NumPy batches, stripped of their CORRUPT counts.
+
+  Attributes:
+    num_corrupt: the corrupt images met in the current (or last) pass;
+      each is logged.
+  """
+
+  def __init__(self, ds: tf.data.Dataset, description: str, handling: str,
+               first_step: int = 0):
+    """Wraps ``ds``.
+
+    Args:
+      ds: batches with a CORRUPT count.
+      description: names the stream in log messages.
+      handling: what became of corrupt images, for log messages.
+      first_step: the index of the first batch, for log messages.
+    """
+    self._ds = ds
+    self._description = description
+    self._handling = handling
+    self._first_step = first_step
+    self.num_corrupt = 0
+
+  def __iter__(self) -> Iterator[dict]:
+    self.num_corrupt = 0
+    for step, batch in enumerate(tfds.as_numpy(self._ds), self._first_step):
+      corrupt = int(batch.pop(CORRUPT))
+      if corrupt:
+        self.num_corrupt += corrupt
+        logging.log_every_n_seconds(
+            logging.WARNING, '%s: %d corrupt image(s) in batch %d, %s (%d so '
+            'far on this process).', 60, self._description, corrupt, step,
+            self._handling, self.num_corrupt)
+      yield batch
+    if self.num_corrupt:
+      logging.warning('%s: %d corrupt image(s) skipped on this process, %s.',
+                      self._description, self.num_corrupt, self._handling)
 
 
 def _process_split(split, process_index: int, process_count: int,
@@ -201,7 +488,11 @@ def train_steps_per_epoch(builder, config, local_batch_size: int,
 def create_train_iterator(builder, config, local_batch_size: int,
                           start_step: int, process_index: int,
                           process_count: int) -> Iterator[dict]:
-  """Endless per-process train batches, starting at global step start_step."""
+  """Endless per-process train batches, starting at global step start_step.
+
+  A corrupt image's slot is filled with a copy of another image (and label)
+  of its batch; the count is logged.
+  """
   steps_per_epoch = train_steps_per_epoch(builder, config, local_batch_size,
                                           process_count)
   epoch_examples = steps_per_epoch * local_batch_size
@@ -216,20 +507,23 @@ def create_train_iterator(builder, config, local_batch_size: int,
                                reshuffle_each_iteration=False)
     positions = tf.data.Dataset.range(e * epoch_examples,
                                       (e + 1) * epoch_examples)
-    return tf.data.Dataset.zip(shuffled.take(epoch_examples), positions)
+    return tf.data.Dataset.zip(shuffled.take(epoch_examples), positions).map(
+        lambda example, position: {**example, 'position': position})
 
-  def preprocess(example, position):
-    example_seed = tf.stack([seed * 65537 + stream_id, position])
+  def preprocess(example):
+    example_seed = tf.stack([seed * 65537 + stream_id, example['position']])
     return {'image': preprocess_train(example['image'], example_seed, config),
             'label': example['label']}
 
   start_epoch, offset = divmod(start_step, steps_per_epoch)
   ds = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max)
   ds = ds.flat_map(epoch).skip(offset * local_batch_size)
-  ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.batch(local_batch_size, drop_remainder=True)
-  ds = ds.prefetch(tf.data.AUTOTUNE)
-  return iter(tfds.as_numpy(ds))
+  ds = _map_in_batches(ds, preprocess, local_batch_size, drop_remainder=True)
+  ds = ds.map(_fill_train_batch).prefetch(tf.data.AUTOTUNE)
+  batches = Batches(ds, f'{builder.name} {config.train_split} (train)',
+                    'replaced by copies of readable images of their batch',
+                    start_step)
+  return iter(batches)
 
 
 def create_eval_dataset(builder, config, split, local_batch_size: int,
@@ -237,25 +531,30 @@ def create_eval_dataset(builder, config, split, local_batch_size: int,
   """Every example of ``split`` once, padded with mask-0 examples.
 
   All processes run the same number of batches: the process with the most
-  examples sets it, the others pad.
+  examples sets it, the others pad. A corrupt image becomes a mask-0 blank,
+  so metrics count the readable images; ``Batches.num_corrupt`` and the log
+  say how many were skipped.
 
   Returns:
-    (iterable of per-process batches with 'image', 'label', 'mask', the
+    (``Batches`` of per-process batches with 'image', 'label', 'mask', the
     number of batches).
   """
   parts = [_process_split(split, i, process_count, False)
            for i in range(process_count)]
   counts = [num_examples(builder, p) for p in parts]
   steps = max(1, math.ceil(max(counts) / local_batch_size))
-  padding = steps * local_batch_size - counts[process_index]
+  padding = steps - math.ceil(counts[process_index] / local_batch_size)
 
-  ds = _read(builder, parts[process_index]).map(
-      lambda ex: {'image': preprocess_eval(ex['image'], config),
-                  'label': ex['label'], 'mask': tf.constant(1, tf.int32)},
-      num_parallel_calls=tf.data.AUTOTUNE)
-  blank = {'image': tf.zeros([config.eval_size, config.eval_size, 3],
-                             TF_DTYPES[config.dtype]),
-           'label': tf.constant(0, tf.int32), 'mask': tf.constant(0, tf.int32)}
+  def preprocess(example):
+    return {'image': preprocess_eval(example['image'], config),
+            'label': example['label']}
+
+  ds = _map_in_batches(_read(builder, parts[process_index]), preprocess,
+                       local_batch_size, drop_remainder=False)
+  ds = ds.map(lambda *batch: _fill_eval_batch(*batch, local_batch_size))
+  blank = tf.nest.map_structure(lambda spec: tf.zeros(spec.shape, spec.dtype),
+                                ds.element_spec)
   ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(padding))
-  ds = ds.batch(local_batch_size, drop_remainder=True)
-  return tfds.as_numpy(ds.prefetch(tf.data.AUTOTUNE)), steps
+  return Batches(ds.prefetch(tf.data.AUTOTUNE),
+                 f'{builder.name} {split} (eval)',
+                 'masked out of the metrics'), steps

@@ -1,0 +1,300 @@
+"""Tests for darknet53_jax.input_pipeline (and the image-folder builder)."""
+
+import collections
+import hashlib
+import itertools
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from configs import default
+from darknet53_jax import input_pipeline
+from tests import conftest
+
+
+def _config(data_dir, size=16):
+  config = conftest.tiny_config(data_dir)
+  config.train_size = config.eval_size = size
+  config.train_split = 'test'  # 360 images: small epochs keep tests fast.
+  return config
+
+
+def _fingerprints(batches):
+  """Multiset of (label, image hash) over the mask-1 rows of ``batches``."""
+  return collections.Counter(
+      (int(label), hashlib.sha1(image.tobytes()).hexdigest())
+      for batch in batches
+      for image, label, mask in zip(batch['image'], batch['label'],
+                                    batch['mask']) if mask)
+
+
+@pytest.mark.parametrize('process_count', [2, 3])
+def test_eval_covers_every_example_exactly_once(digits_data_dir,
+                                                process_count):
+  config = _config(digits_data_dir)
+  builder = input_pipeline.get_builder(config)
+  whole, _ = input_pipeline.create_eval_dataset(builder, config, 'test', 64, 0,
+                                                1)
+  expected = _fingerprints(whole)
+  assert sum(expected.values()) == 360
+
+  shares, steps = [], set()
+  for index in range(process_count):
+    batches, num_steps = input_pipeline.create_eval_dataset(
+        builder, config, 'test', 64, index, process_count)
+    batches = list(batches)
+    assert len(batches) == num_steps
+    steps.add(num_steps)
+    shares.append(_fingerprints(batches))
+  assert len(steps) == 1  # Every process runs the same number of batches.
+  assert sum(shares, collections.Counter()) == expected
+  assert sum(sum(s.values()) for s in shares) == 360
+
+
+def _train_batches(config, start_step, count, process_index=0,
+                   process_count=1, batch_size=32):
+  builder = input_pipeline.get_builder(config)
+  iterator = input_pipeline.create_train_iterator(
+      builder, config, batch_size, start_step, process_index, process_count)
+  return list(itertools.islice(iterator, count))
+
+
+@pytest.mark.parametrize('process_index,process_count', [(0, 1), (1, 2)])
+def test_resumed_train_stream_is_bitwise_identical(digits_data_dir,
+                                                   process_index,
+                                                   process_count):
+  config = _config(digits_data_dir)
+  builder = input_pipeline.get_builder(config)
+  steps_per_epoch = input_pipeline.train_steps_per_epoch(builder, config, 32,
+                                                         process_count)
+  resume = steps_per_epoch - 1  # The resumed run crosses an epoch boundary.
+  full = _train_batches(config, 0, resume + 3, process_index, process_count)
+  resumed = _train_batches(config, resume, 3, process_index, process_count)
+  for a, b in zip(full[resume:], resumed, strict=True):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+  # Epochs are shuffled differently.
+  assert not np.array_equal(full[0]['label'], full[steps_per_epoch]['label'])
+
+
+def test_seeds_give_different_streams(digits_data_dir):
+  config = _config(digits_data_dir)
+  first = _train_batches(config, 0, 1)[0]
+  config.seed = 1
+  other_seed = _train_batches(config, 0, 1)[0]
+  assert not np.array_equal(first['label'], other_seed['label'])
+  assert not np.array_equal(first['image'], other_seed['image'])
+
+
+def test_train_processes_read_disjoint_even_shares(digits_data_dir):
+  config = _config(digits_data_dir, size=8)
+  # No augmentation: each train image is its source image.
+  config.crop_area_range = config.aspect_ratio_range = (1.0, 1.0)
+  config.random_flip, config.color_jitter = False, 0.0
+  builder = input_pipeline.get_builder(config)
+  whole, _ = input_pipeline.create_eval_dataset(builder, config, 'test', 128,
+                                                0, 1)
+  available = _fingerprints(whole)
+  steps = input_pipeline.train_steps_per_epoch(builder, config, 32, 2)
+  shares = []
+  for index in range(2):
+    batches = _train_batches(config, 0, steps, index, 2)
+    shares.append(_fingerprints(
+        {**b, 'mask': np.ones_like(b['label'])} for b in batches))
+    assert sum(shares[-1].values()) == steps * 32
+  both = shares[0] + shares[1]
+  assert both & available == both  # Together, no example twice.
+
+
+def test_preprocess_train_is_seeded_and_in_compute_dtype():
+  config = default.get_config()
+  config.train_size = 64
+  image = tf.io.encode_jpeg(tf.random.stateless_uniform(
+      [75, 100, 3], [0, 0], 0, 256, tf.int32).numpy().astype(np.uint8))
+  seed = tf.constant([3, 4], tf.int64)
+  a = input_pipeline.preprocess_train(image, seed, config)
+  b = input_pipeline.preprocess_train(image, seed, config)
+  c = input_pipeline.preprocess_train(image, seed + 1, config)
+  assert a.shape == (64, 64, 3) and a.dtype == tf.float16
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)
+
+
+def test_random_crop_window_follows_torchvision():
+  config = default.get_config()
+  crop_window = input_pipeline._random_crop_window  # pylint: disable=protected-access
+  windows = tf.data.Dataset.range(300).map(lambda i: tf.stack(crop_window(
+      tf.constant([375, 500]), tf.stack([i, i]), config)))
+  top, left, height, width = np.array(list(windows.as_numpy_iterator())).T
+  assert (top >= 0).all() and (top + height <= 375).all()
+  assert (left >= 0).all() and (left + width <= 500).all()
+  area = height * width / (375 * 500)
+  assert area.min() >= 0.08 - 0.01 and area.max() <= 1.0
+  assert area.min() < 0.15 and area.max() > 0.8  # The whole range is used.
+  ratio = width / height
+  assert ratio.min() > 0.75 - 0.05 and ratio.max() < 4 / 3 + 0.05
+  # Nothing fits a 20x400 strip: the fallback is a centred 20x27 crop.
+  window = crop_window(tf.constant([20, 400]), tf.constant([0, 0], tf.int64),
+                       config)
+  assert [int(x) for x in window] == [0, (400 - 27) // 2, 20, 27]
+
+
+@pytest.mark.parametrize('eval_size,crop_pct,expected', [
+    (256, 256 / 292, 292),  # The MindSpore reference.
+    (256, 0.887, 288),  # timm's darknet53.c2ns_in1k.
+    (224, 0.875, 256),  # The Inception / Flax convention.
+    (32, 1.0, 32),  # The quick start.
+])
+def test_eval_resize_size(eval_size, crop_pct, expected):
+  config = ml_collections.ConfigDict({'eval_size': eval_size,
+                                      'eval_crop_pct': crop_pct})
+  assert input_pipeline.eval_resize_size(config) == expected
+
+
+@pytest.mark.parametrize('interpolation', ['bilinear', 'bicubic'])
+def test_eval_resizes_shorter_side_and_crops_the_centre(interpolation):
+  config = default.get_config()
+  config.eval_size, config.eval_crop_pct = 64, 0.8  # Resize to 80, crop 64.
+  config.interpolation = interpolation
+  config.mean_rgb, config.std_rgb = (0.0,) * 3, (1 / 255,) * 3  # Identity.
+  config.dtype = 'float32'
+  # Red is the column index of a 200x400 image, green the row index.
+  rows, columns = np.meshgrid(np.arange(200), np.arange(400), indexing='ij')
+  image = np.stack([columns * 255 / 399, rows * 255 / 199, np.zeros_like(rows)],
+                   -1).round().astype(np.uint8)
+  out = input_pipeline.preprocess_eval(tf.io.encode_png(image), config).numpy()
+  assert out.shape == (64, 64, 3)
+  # 200x400 -> 80x160; the crop starts at row 8 and column 48, and each
+  # output pixel spans 2.5 source pixels.
+  source = lambda start, i: (start + i + 0.5) * 2.5 - 0.5
+  for i in (0, 31, 63):
+    np.testing.assert_allclose(out[32, i, 0], source(48, i) * 255 / 399,
+                               atol=1.5)
+    np.testing.assert_allclose(out[i, 32, 1], source(8, i) * 255 / 199,
+                               atol=1.5)
+
+
+@pytest.mark.parametrize('interpolation', ['bilinear', 'bicubic'])
+@pytest.mark.parametrize('height,width', [(375, 500), (500, 333), (17, 300)])
+def test_eval_equals_resize_then_centre_crop(interpolation, height, width):
+  config = default.get_config()
+  config.interpolation, config.dtype = interpolation, 'float32'
+  image = tf.random.stateless_uniform([height, width, 3], [1, 2], 0, 256,
+                                      tf.int32)
+  out = input_pipeline.preprocess_eval(
+      tf.io.encode_png(tf.cast(image, tf.uint8)), config)
+  # torchvision's Resize(292): shorter side 292, longer side truncated.
+  short = min(height, width)
+  size = [292 * height // short, 292 * width // short]
+  resized = tf.image.resize(tf.cast(image, tf.float32), size,
+                            method=interpolation, antialias=True)
+  top, left = (round((s - 256) / 2) for s in size)
+  expected = (tf.clip_by_value(resized[top:top + 256, left:left + 256], 0, 255)
+              - np.array(config.mean_rgb) * 255) / (
+                  np.array(config.std_rgb) * 255)
+  np.testing.assert_allclose(out, expected, atol=1e-3)
+
+
+def test_color_jitter_composes_brightness_contrast_saturation():
+  image = tf.random.stateless_uniform([32, 48, 3], [0, 1], 0.0, 255.0)
+  factors = input_pipeline._jitter_factors(  # pylint: disable=protected-access
+      tf.constant([5, 6], tf.int64), 0.4)
+  assert all(0.6 <= f <= 1.4 for f in factors.numpy())
+  brightness, contrast, saturation = tf.unstack(factors)
+  # The plain sequence of torchvision's ColorJitter (clipped at the end).
+  expected = image * brightness
+  mean = tf.reduce_mean(tf.image.rgb_to_grayscale(expected))
+  expected = mean + (expected - mean) * contrast
+  grey = tf.image.rgb_to_grayscale(expected)
+  expected = tf.clip_by_value(grey + (expected - grey) * saturation, 0, 255)
+  # Through the fused (XLA) step, with an identity normalisation.
+  got = input_pipeline._finish(  # pylint: disable=protected-access
+      image, factors, tf.zeros(3), tf.ones(3), tf.float32)
+  np.testing.assert_allclose(got, expected, atol=1e-3)
+
+
+def _write_image_folder(root, corrupt=True):
+  """train/ and val/ with classes cat and dog, PNG and JPEG files."""
+  rng = np.random.default_rng(0)
+  for split, count in (('train', 6), ('val', 3)):
+    for label, colour in (('cat', 60), ('dog', 200)):
+      folder = root / split / label
+      folder.mkdir(parents=True)
+      for i in range(count):
+        pixels = np.clip(colour + rng.integers(-9, 10, (30, 40, 3)), 0, 255)
+        Image.fromarray(pixels.astype(np.uint8)).save(
+            folder / f'{i}.{"png" if i % 2 else "jpg"}')
+  if corrupt:
+    (root / 'train' / 'cat' / 'corrupt.jpg').write_bytes(b'not an image')
+    data = (root / 'train' / 'dog' / '0.jpg').read_bytes()
+    (root / 'train' / 'dog' / 'truncated.jpg').write_bytes(data[:150])
+    (root / 'val' / 'dog' / 'corrupt.png').write_bytes(b'\x89PNG broken')
+
+
+def test_image_folder_with_corrupt_images(tmp_path, caplog):
+  _write_image_folder(tmp_path / 'images')
+  config = _config(str(tmp_path / 'tfds'))
+  config.dataset = f'image_folder:{tmp_path / "images"}'
+  config.train_split, config.eval_split = 'train', 'validation'
+  builder = input_pipeline.get_builder(config)
+  input_pipeline.ensure_prepared(builder)
+  assert input_pipeline.num_classes(builder) == 2
+  assert builder.info.features['label'].names == ['cat', 'dog']
+  assert input_pipeline.num_examples(builder, 'train') == 14
+  assert input_pipeline.num_examples(builder, 'validation') == 7
+
+  # Train: the batch holds all 14 images; the 2 corrupt ones are replaced by
+  # copies of readable ones, so no blank image remains.
+  (batch,) = _train_batches(config, 0, 1, batch_size=14)
+  assert np.abs(batch['image']).reshape(14, -1).max(1).min() > 0
+  assert 'corrupt image(s) in batch 0' in caplog.text
+
+  batches, _ = input_pipeline.create_eval_dataset(builder, config,
+                                                  'validation', 4, 0, 1)
+  assert sum(int(b['mask'].sum()) for b in batches) == 6
+  assert batches.num_corrupt == 1
+  assert '1 corrupt image(s) skipped' in caplog.text
+
+
+def test_image_folder_classes_survive_the_folder(tmp_path):
+  """Once prepared, the dataset no longer needs the source folder."""
+  _write_image_folder(tmp_path / 'images', corrupt=False)
+  name = f'image_folder:{tmp_path / "images"}'
+  input_pipeline.ensure_prepared(
+      input_pipeline.builder_from_name(name, str(tmp_path / 'tfds')))
+  for path in sorted((tmp_path / 'images').rglob('*'), reverse=True):
+    path.unlink() if path.is_file() else path.rmdir()
+  builder = input_pipeline.builder_from_name(name, str(tmp_path / 'tfds'))
+  assert builder.is_prepared()
+  assert builder.info.features['label'].names == ['cat', 'dog']
+
+
+def test_unknown_or_missing_datasets_are_data_errors(tmp_path):
+  with pytest.raises(input_pipeline.DataError, match='Unknown dataset'):
+    input_pipeline.builder_from_name('no_such_dataset', str(tmp_path))
+  with pytest.raises(input_pipeline.DataError, match='No image folder'):
+    input_pipeline.builder_from_name(f'image_folder:{tmp_path}/missing',
+                                     str(tmp_path))
+  builder = input_pipeline.builder_from_name('mnist', str(tmp_path))
+  with pytest.raises(input_pipeline.DataError,
+                     match='python -m darknet53_jax.prepare_data '
+                     '--dataset=mnist'):
+    input_pipeline.ensure_prepared(builder)
+
+
+def test_eval_sets(digits_data_dir, tmp_path):
+  config = _config(digits_data_dir)
+  builder = input_pipeline.get_builder(config)
+  config.eval_sets = {'train': ('sklearn_digits', 'train')}
+  sets = input_pipeline.get_eval_sets(config, builder)
+  assert list(sets) == ['eval', 'eval_train']
+  assert sets['eval'] == (builder, 'test')
+  assert sets['eval_train'][1] == 'train'
+  _write_image_folder(tmp_path / 'images', corrupt=False)
+  config.eval_sets = {'folder': (f'image_folder:{tmp_path / "images"}',
+                                 'validation')}
+  with pytest.raises(input_pipeline.DataError, match='has 2 classes'):
+    input_pipeline.get_eval_sets(config, builder)
