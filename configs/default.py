@@ -14,6 +14,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.data_dir = ml_collections.config_dict.placeholder(str)
   config.train_split = 'train'
   config.eval_split = 'validation'
+  # More eval sets, NAME: (dataset, split), logged as eval_NAME/* beside
+  # eval/*, e.g. config.eval_sets.v2 = ('imagenet_v2/matched-frequency',
+  # 'test').
+  config.eval_sets = ml_collections.ConfigDict()
   config.num_classes = 1000
   config.shuffle_buffer = 16_384
   config.train_size = 256

@@ -34,22 +34,27 @@ class DivergedError(RuntimeError):
   """Too many consecutive steps with a non-finite loss or gradient."""
 
 
-def _prepare_data(config) -> 'input_pipeline.tfds.core.DatasetBuilder':
-  """The dataset's builder, prepared by process 0 while the others wait."""
+def _prepare_data(config):
+  """The train builder and the eval sets (``input_pipeline.get_eval_sets``),
+  prepared by process 0 while the others wait."""
   builder = input_pipeline.get_builder(config)
   if jax.process_index() == 0:
-    input_pipeline.ensure_prepared(builder)
+    for eval_builder, _ in input_pipeline.get_eval_sets(
+        config, builder).values():
+      input_pipeline.ensure_prepared(eval_builder)
   multihost_utils.sync_global_devices('data prepared')
-  if not builder.is_prepared():
-    builder = input_pipeline.get_builder(config)
-  input_pipeline.ensure_prepared(builder)
+  # Builders made before process 0 prepared their data do not see it.
+  builder = input_pipeline.get_builder(config)
+  eval_sets = input_pipeline.get_eval_sets(config, builder)
+  for eval_builder, _ in eval_sets.values():
+    input_pipeline.ensure_prepared(eval_builder)
   dataset_classes = input_pipeline.num_classes(builder)
   if config.num_classes != dataset_classes:
     raise config_checks.ConfigError(
         f'config.num_classes={config.num_classes} but {config.dataset!r} has '
         f'{dataset_classes} classes: set --config.num_classes='
         f'{dataset_classes}.')
-  return builder
+  return builder, eval_sets
 
 
 def _device_prefetch(batches: Iterator, mesh, size: int = 2) -> Iterator:
@@ -82,10 +87,21 @@ def evaluate(state, eval_step, mesh, builder, config,
           'num_examples': count}
 
 
-def _write_eval(writer, step: int, metrics: dict[str, float]) -> None:
-  writer.write_scalars(step, {f'eval/{k}': v for k, v in metrics.items()})
-  logging.info('eval at step %d: top1 %.4f, top5 %.4f, loss %.4f on %d '
-               'examples', step, metrics['top1'], metrics['top5'],
+def _evaluate_all(state, eval_step, mesh, eval_sets, config, writer,
+                  step: int) -> dict[str, float]:
+  """Evaluates and writes every eval set; returns the main set's metrics."""
+  results = {}
+  for prefix, (builder, split) in eval_sets.items():
+    results[prefix] = evaluate(state, eval_step, mesh, builder, config, split)
+    _write_eval(writer, step, results[prefix], prefix)
+  return results['eval']
+
+
+def _write_eval(writer, step: int, metrics: dict[str, float],
+                prefix: str) -> None:
+  writer.write_scalars(step, {f'{prefix}/{k}': v for k, v in metrics.items()})
+  logging.info('%s at step %d: top1 %.4f, top5 %.4f, loss %.4f on %d '
+               'examples', prefix, step, metrics['top1'], metrics['top5'],
                metrics['loss'], metrics['num_examples'])
 
 
@@ -112,10 +128,10 @@ def _setup(config: ml_collections.ConfigDict, workdir: str):
   """Validates the config and workdir and builds data, mesh and model."""
   config_checks.validate(config, jax.device_count(), jax.process_count())
   _check_writable(workdir)
-  builder = _prepare_data(config)
+  builder, eval_sets = _prepare_data(config)
   mesh = train.create_mesh()
   model = train.create_model(config, config.num_classes)
-  return builder, mesh, model
+  return builder, eval_sets, mesh, model
 
 
 def _init_from_pretrained(state, config, mesh):
@@ -142,7 +158,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     The last evaluation metrics of this call (possibly empty if stopped
     early).
   """
-  builder, mesh, model = _setup(config, workdir)
+  builder, eval_sets, mesh, model = _setup(config, workdir)
   local_batch = config.batch_size // jax.process_count()
   steps_per_epoch = input_pipeline.train_steps_per_epoch(
       builder, config, local_batch, jax.process_count())
@@ -203,9 +219,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         epoch = done // steps_per_epoch
         last = done == total_steps
         if last or epoch % config.eval_every_epochs == 0:
-          eval_metrics = evaluate(state, eval_step, mesh, builder, config,
-                                  config.eval_split)
-          _write_eval(writer, done, eval_metrics)
+          eval_metrics = _evaluate_all(state, eval_step, mesh, eval_sets,
+                                       config, writer, done)
         if last or epoch % config.checkpoint_every_epochs == 0:
           manager.save(done, state, config)
       if stop.requested(done) and done < total_steps:
@@ -218,9 +233,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                  total_steps)
     return eval_metrics
   if not eval_metrics:
-    eval_metrics = evaluate(state, eval_step, mesh, builder, config,
-                            config.eval_split)
-    _write_eval(writer, int(state.step), eval_metrics)
+    eval_metrics = _evaluate_all(state, eval_step, mesh, eval_sets, config,
+                                 writer, int(state.step))
   manager.wait()
   manager.close()
   writer.flush()
@@ -286,7 +300,7 @@ def _write_train(writer, step: int, history: list, config,
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         checkpoint: str | None = None) -> dict[str, float]:
   """Evaluates a checkpoint (default: the workdir's latest); trains nothing."""
-  builder, mesh, model = _setup(config, workdir)
+  _, eval_sets, mesh, model = _setup(config, workdir)
   source = checkpoint or str(epath.Path(workdir) / CHECKPOINT_DIR)
   variables = checkpoints.load_variables(source)
   size = config.eval_size
@@ -299,9 +313,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
       apply_fn=model.apply, params=variables['params'],
       batch_stats=variables['batch_stats'], tx=optax.identity())
   step = checkpoints.checkpoint_step(source)
-  metrics = evaluate(state, train.make_eval_step(mesh), mesh, builder, config,
-                     config.eval_split)
   writer = _create_writer(workdir)
-  _write_eval(writer, step, metrics)
+  metrics = _evaluate_all(state, train.make_eval_step(mesh), mesh, eval_sets,
+                          config, writer, step)
   writer.flush()
   return metrics
