@@ -97,3 +97,39 @@ def test_checkpoint_of_another_shape_is_refused(digits_data_dir, tmp_path):
                  '--config.model.width_multiplier=0.25', '--eval_only')
   assert result.returncode != 0
   assert 'does not fit this model' in result.stderr.strip().splitlines()[-1]
+
+
+def _train_scalars(workdir, tag):
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  events = event_accumulator.EventAccumulator(str(workdir))
+  events.Reload()
+  return [(e.step, float(tf.make_ndarray(e.tensor_proto)))
+          for e in events.Tensors(tag)]
+
+
+def test_same_seed_gives_the_same_metrics_step_for_step(digits_data_dir,
+                                                       tmp_path):
+  config = conftest.tiny_config(digits_data_dir)
+  config.log_every_steps = 1
+  for name in ('a', 'b'):
+    trainer.train_and_evaluate(config, str(tmp_path / name), stop_at_step=6)
+  losses = _train_scalars(tmp_path / 'a', 'train/loss')
+  assert [step for step, _ in losses] == [1, 2, 3, 4, 5, 6]
+  assert losses == _train_scalars(tmp_path / 'b', 'train/loss')
+
+
+def test_init_from_starts_a_new_run_from_pretrained_weights(digits_data_dir,
+                                                            tmp_path):
+  config = conftest.tiny_config(digits_data_dir)
+  trainer.train_and_evaluate(config, str(tmp_path / 'pretrained'),
+                             stop_at_step=3)
+  config.init_from = str(tmp_path / 'pretrained')
+  config.seed = 1
+  trainer.train_and_evaluate(config, str(tmp_path / 'finetuned'),
+                             stop_at_step=0)
+  assert checkpoints.checkpoint_step(str(tmp_path / 'finetuned')) == 0
+  pretrained = _params(tmp_path / 'pretrained')
+  for x, y in zip(jax.tree.leaves(pretrained),
+                  jax.tree.leaves(_params(tmp_path / 'finetuned'))):
+    np.testing.assert_array_equal(x, y)
