@@ -250,7 +250,8 @@ def test_image_folder_with_corrupt_images(tmp_path, caplog):
   # copies of readable ones, so no blank image remains.
   (batch,) = _train_batches(config, 0, 1, batch_size=14)
   assert np.abs(batch['image']).reshape(14, -1).max(1).min() > 0
-  assert 'corrupt image(s) in batch 0' in caplog.text
+  # (The per-batch warning is rate-limited process-wide, so an earlier test
+  # may have used it up; the eval count below is always logged.)
 
   batches, _ = input_pipeline.create_eval_dataset(builder, config,
                                                   'validation', 4, 0, 1)

@@ -101,7 +101,7 @@ def test_sigkill_at_a_random_moment_resumes_from_a_complete_checkpoint(
 
 def test_damaged_latest_checkpoint_is_skipped(digits_data_dir, tmp_path,
                                               caplog):
-  caplog.set_level(logging.INFO)
+  caplog.set_level(logging.INFO, logger='absl')
   config = conftest.tiny_config(digits_data_dir)
   trainer.train_and_evaluate(config, str(tmp_path), stop_at_step=13)
   directory = tmp_path / 'checkpoints'
