@@ -12,6 +12,7 @@ import pytest
 
 from darknet53_jax import checkpoints
 from darknet53_jax import convert_timm
+from darknet53_jax import timm_compat
 
 torch = pytest.importorskip('torch')
 
@@ -21,25 +22,11 @@ TINY_CLASSES = 7
 
 
 def _import_timm():
-  """timm, importable beside the CPU-only torch wheel.
-
-  PyPI's torchvision wheels link CUDA libraries: beside a CPU-only torch their
-  operator library does not load, and importing torchvision then fails with
-  "operator torchvision::nms does not exist" while registering fake kernels
-  for nms and qnms. Declaring those two operators lets its pure-Python parts,
-  all that timm uses here, import.
-  """
+  """timm, importable beside the CPU-only torch wheel (see timm_compat)."""
   try:
-    import torchvision  # noqa: F401  pylint: disable=unused-import
-  except ImportError:
-    pytest.skip('torchvision (needed by timm) is not installed')
-  except RuntimeError:
-    library = torch.library.Library('torchvision', 'DEF')
-    for op in ('nms', 'qnms'):
-      library.define(
-          f'{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor')
-    _import_timm.library = library  # Keeps the definitions registered.
-  return pytest.importorskip('timm')
+    return timm_compat.import_timm()
+  except ImportError as e:
+    pytest.skip(f'timm is not importable: {e}')
 
 
 @pytest.fixture(scope='module')

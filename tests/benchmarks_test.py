@@ -1,0 +1,78 @@
+"""Smoke tests of the benchmark scripts at tiny sizes (they time nothing).
+
+Each script runs in a subprocess, as on the command line, with XLA's LLVM
+optimisations off: on a small CPU they dominate the compile time of these
+tiny models, and the numbers are not what is tested.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from darknet53_jax import timm_compat
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_FLAGS = ('--image_size=32', '--batch_size=2', '--dtype=float32',
+              '--steps=2', '--width_multiplier=0.125',
+              '--config.model.stage_depths=(1,0,0,0,0)',
+              '--config.num_classes=10', '--config.benchmark_rounds=1',
+              '--config.benchmark_warmup_steps=1')
+PHASE_FIELDS = ('images_per_s', 'step_time_ms', 'compile_s')
+
+
+def _run(command, **env) -> subprocess.CompletedProcess:
+  env = dict(os.environ, XLA_FLAGS='--xla_backend_optimization_level=0',
+             **env)
+  return subprocess.run(command, cwd=REPO, env=env, capture_output=True,
+                        text=True, check=False)
+
+
+@pytest.fixture(scope='module')
+def timm_available():
+  try:
+    timm_compat.import_timm()
+  except ImportError as e:
+    pytest.skip(f'timm is not importable: {e}')
+
+
+def test_throughput_prints_table_and_json(tmp_path):
+  path = tmp_path / 'throughput.json'
+  result = _run([sys.executable, 'benchmarks/throughput.py', *TINY_FLAGS,
+                 f'--json={path}'])
+  assert result.returncode == 0, result.stderr[-3000:]
+  for row in ('| images/s |', '| step time (ms) |', '| compile time (s) |',
+              '| XLA GFLOP per image |', '| model FLOPs utilisation |'):
+    assert row in result.stdout
+  results = json.loads(path.read_text())
+  assert results['platform'] == 'cpu'
+  assert results['batch_size'] == 2 and results['train_size'] == 32
+  for phase in ('train', 'inference'):
+    for field in PHASE_FIELDS + ('flops_per_step', 'mfu'):
+      assert results[phase][field] > 0, (phase, field)
+  # A train step does forward, backward and update: several forwards' work.
+  assert results['train']['flops_per_step'] > (
+      2 * results['inference']['flops_per_step'])
+
+
+@pytest.mark.usefixtures('timm_available')
+def test_gpu_check_small_mode_on_cpu(tmp_path):
+  result = _run(['benchmarks/gpu_check.sh', str(tmp_path)], SMALL='1',
+                PYTHON=sys.executable)
+  assert result.returncode == 0, result.stdout[-3000:]
+  summary = (tmp_path / 'summary.md').read_text()
+  assert 'all checks passed: True' in summary
+  assert json.loads((tmp_path / 'precision.json').read_text())['passed']
+  for size in (32, 64):
+    results = json.loads(
+        (tmp_path / f'compare_{size}px_float32.json').read_text())
+    assert results['config']['train_size'] == size
+    for phase in ('train', 'inference'):
+      assert results[f'{phase}_ratio'] > 0
+      for framework in ('ours', 'timm'):
+        for field in PHASE_FIELDS:
+          assert results[framework][phase][field] > 0, (framework, phase,
+                                                        field)
+  assert summary.count('| train |') == 2
