@@ -19,8 +19,7 @@ from etils import epath
 
 STATE = 'state'
 CONFIG = 'config'
-
-
+WORKDIR_SUBDIR = 'checkpoints'
 MODEL_COLLECTIONS = ('params', 'batch_stats')
 
 
@@ -119,6 +118,11 @@ def _first_line(error: Exception) -> str:
       error)
 
 
+def workdir_checkpoints(workdir: str) -> epath.Path:
+  """The checkpoint directory of a training workdir."""
+  return epath.Path(workdir) / WORKDIR_SUBDIR
+
+
 def _step_directory(path: str) -> epath.Path:
   """A step folder, given itself or a checkpoint directory (latest step)."""
   path = epath.Path(path).absolute()
@@ -129,8 +133,8 @@ def _step_directory(path: str) -> epath.Path:
              if p.name.isdigit() and (p / STATE).exists()]
     if steps:
       return path / str(max(steps))
-    if (path / 'checkpoints').exists():
-      return _step_directory(os.fspath(path / 'checkpoints'))
+    if (path / WORKDIR_SUBDIR).exists():
+      return _step_directory(os.fspath(path / WORKDIR_SUBDIR))
   raise CheckpointError(
       f'No checkpoint at {path}: give a workdir, its checkpoints/ folder or '
       'one step folder inside it.')
@@ -168,11 +172,7 @@ def load_config(path: str) -> ml_collections.ConfigDict:
 
 def check_compatible(variables: dict, reference: dict, source: str) -> None:
   """Raises CheckpointError unless the two variable trees have equal shapes."""
-  got = jax.tree_util.tree_flatten_with_path(
-      jax.tree.map(lambda x: tuple(x.shape), variables))[0]
-  want = dict(jax.tree_util.tree_flatten_with_path(
-      jax.tree.map(lambda x: tuple(x.shape), reference))[0])
-  got = dict(got)
+  got, want = _shapes(variables), _shapes(reference)
   for key in sorted(set(got) | set(want), key=str):
     if got.get(key) != want.get(key):
       raise CheckpointError(
@@ -180,3 +180,9 @@ def check_compatible(variables: dict, reference: dict, source: str) -> None:
           f'{jax.tree_util.keystr(key)} has shape {got.get(key)} there and '
           f'{want.get(key)} here. Set config.model and config.num_classes '
           'as in the run that wrote it.')
+
+
+def _shapes(tree) -> dict:
+  """Each leaf's shape, keyed by its path."""
+  return {path: tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}

@@ -10,88 +10,15 @@ import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 from jax import lax
 import jax.numpy as jnp
+
+from darknet53_jax import conv as conv_lib
 
 STAGE_WIDTHS = (64, 128, 256, 512, 1024)
 STAGE_DEPTHS = (1, 2, 8, 8, 4)
 STEM_WIDTH = 32
 ACTIVATIONS = ('leaky_relu', 'relu')
-
-
-def _lax_conv(x, kernel, strides, padding, dimension_numbers):
-  return lax.conv_general_dilated(x, kernel, strides, padding,
-                                  dimension_numbers=dimension_numbers)
-
-
-def _tap_matmul_conv(x, kernel, strides, padding):
-  """The NHWC/HWIO convolution as a sum of one matmul per kernel tap.
-
-  Only its transpose in ``kernel`` is used: a matmul over batch x height x
-  width per tap, which XLA:CPU runs about three times faster than the
-  convolution it emits for a kernel gradient.
-  """
-  height, width, in_features, _ = kernel.shape
-  x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-  rows = (x.shape[1] - height) // strides[0] + 1
-  cols = (x.shape[2] - width) // strides[1] + 1
-  taps = jnp.split(kernel.reshape(height * width, in_features, -1),
-                   height * width)
-  y = 0
-  for t, tap in enumerate(taps):
-    i, j = divmod(t, width)
-    window = lax.slice(
-        x, (0, i, j, 0),
-        (x.shape[0], i + (rows - 1) * strides[0] + 1,
-         j + (cols - 1) * strides[1] + 1, in_features), (1, *strides, 1))
-    y = y + window @ tap[0]
-  return y
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv(x, kernel, strides, padding, dimension_numbers):
-  return _lax_conv(x, kernel, strides, padding, dimension_numbers)
-
-
-def _conv_forward(x, kernel, strides, padding, dimension_numbers):
-  return _lax_conv(x, kernel, strides, padding, dimension_numbers), (x, kernel)
-
-
-def _conv_backward(strides, padding, dimension_numbers, residuals, dy):
-  """XLA's gradients, except the kernel's through tap matmuls on CPUs."""
-  x, kernel = residuals
-  lax_conv = functools.partial(_lax_conv, strides=strides, padding=padding,
-                               dimension_numbers=dimension_numbers)
-  dx = jax.vjp(lambda x: lax_conv(x, kernel), x)[1](dy)[0]
-
-  def kernel_gradient(conv):
-    return lambda x, dy: jax.vjp(lambda k: conv(x, k), kernel)[1](dy)[0]
-
-  dkernel = lax.platform_dependent(
-      x, dy, default=kernel_gradient(lax_conv),
-      cpu=kernel_gradient(functools.partial(
-          _tap_matmul_conv, strides=strides, padding=padding)))
-  return dx, dkernel
-
-
-_conv.defvjp(_conv_forward, _conv_backward)
-
-
-def conv_general_dilated(x, kernel, strides, padding, lhs_dilation,
-                         rhs_dilation, dimension_numbers, feature_group_count,
-                         precision):
-  """``lax.conv_general_dilated`` for ``nn.Conv``, faster to train on CPUs.
-
-  The same values and gradients (up to summation order); supports what
-  ``ConvBN`` uses: no dilation, one feature group, default precision.
-  """
-  if (set(lhs_dilation) | set(rhs_dilation) != {1} or feature_group_count != 1
-      or precision is not None):
-    raise NotImplementedError('Only undilated, ungrouped convolutions at '
-                              'the default precision.')
-  return _conv(x, kernel, tuple(strides), tuple(map(tuple, padding)),
-               dimension_numbers)
 
 
 class ConvBN(nn.Module):
@@ -104,10 +31,14 @@ class ConvBN(nn.Module):
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   bn_axis_name: str | None = None
+  cpu_tap_matmul_gradients: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool):
     pad = self.kernel_size // 2
+    conv_general_dilated = (conv_lib.conv_general_dilated
+                            if self.cpu_tap_matmul_gradients
+                            else lax.conv_general_dilated)
     x = nn.Conv(
         self.features, (self.kernel_size, self.kernel_size),
         strides=self.strides, padding=((pad, pad), (pad, pad)), use_bias=False,
@@ -146,6 +77,11 @@ class Darknet53(nn.Module):
     bn_epsilon: BatchNorm epsilon.
     bn_axis_name: mesh axis to synchronise BatchNorm batch statistics over
       in training (``None``: per-device statistics).
+    cpu_tap_matmul_gradients: on CPUs, compute conv kernel gradients as one
+      matmul per kernel tap (about 3x faster; see ``conv``). XLA:CPU splits
+      those matmuls by the number of devices in the process, so their
+      rounding differs between, say, 2 and 4 local devices; ``False`` keeps
+      XLA's convolution gradients, whose results do not depend on it.
   """
   num_classes: int = 1000
   activation: str = 'leaky_relu'
@@ -156,6 +92,7 @@ class Darknet53(nn.Module):
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   bn_axis_name: str | None = None
+  cpu_tap_matmul_gradients: bool = True
 
   def _width(self, channels: int) -> int:
     return max(1, int(round(channels * self.width_multiplier)))
@@ -183,7 +120,8 @@ class Darknet53(nn.Module):
            if self.activation == 'leaky_relu' else nn.relu)
     conv = functools.partial(
         ConvBN, activation=act, dtype=self.dtype, bn_momentum=self.bn_momentum,
-        bn_epsilon=self.bn_epsilon, bn_axis_name=self.bn_axis_name)
+        bn_epsilon=self.bn_epsilon, bn_axis_name=self.bn_axis_name,
+        cpu_tap_matmul_gradients=self.cpu_tap_matmul_gradients)
 
     x = jnp.asarray(images, self.dtype)
     x = conv(self._width(STEM_WIDTH), 3, name='stem')(x, train)

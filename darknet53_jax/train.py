@@ -58,7 +58,8 @@ def create_model(config: ml_collections.ConfigDict,
       negative_slope=m.negative_slope, width_multiplier=m.width_multiplier,
       stage_depths=tuple(m.stage_depths), dtype=compute_dtype(config),
       bn_momentum=m.bn_momentum, bn_epsilon=m.bn_epsilon,
-      bn_axis_name=DATA_AXIS if config.sync_batch_norm else None)
+      bn_axis_name=DATA_AXIS if config.sync_batch_norm else None,
+      cpu_tap_matmul_gradients=m.cpu_tap_matmul_gradients)
 
 
 def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict,

@@ -27,8 +27,6 @@ from darknet53_jax import optim
 from darknet53_jax import preemption
 from darknet53_jax import train
 
-CHECKPOINT_DIR = 'checkpoints'
-
 
 class DivergedError(RuntimeError):
   """Too many consecutive steps with a non-finite loss or gradient."""
@@ -134,14 +132,12 @@ def _setup(config: ml_collections.ConfigDict, workdir: str):
   return builder, eval_sets, mesh, model
 
 
-def _init_from_pretrained(state, config, mesh):
-  """Replaces params and batch_stats with those of ``config.init_from``."""
-  variables = checkpoints.load_variables(config.init_from)
-  reference = {'params': state.params, 'batch_stats': state.batch_stats}
-  checkpoints.check_compatible(variables, reference, config.init_from)
-  variables = jax.device_put(variables, NamedSharding(mesh, P()))
-  logging.info('Initialised params and batch_stats from %s.', config.init_from)
-  return state.replace(**variables)
+def _load_replicated_variables(source: str, reference: dict, mesh) -> dict:
+  """A checkpoint's params and batch_stats, checked against ``reference``'s
+  shapes and replicated over the mesh."""
+  variables = checkpoints.load_variables(source)
+  checkpoints.check_compatible(variables, reference, source)
+  return jax.device_put(variables, NamedSharding(mesh, P()))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -169,19 +165,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       jax.random.key(config.seed), config, model, tx, mesh)
 
   manager = checkpoints.CheckpointManager(
-      epath.Path(workdir) / CHECKPOINT_DIR, config.max_checkpoints_to_keep)
+      checkpoints.workdir_checkpoints(workdir), config.max_checkpoints_to_keep)
   restored = manager.restore_latest_good(state)
   if restored is not None:
     state = restored
     logging.info('Resumed from step %d in %s.', int(state.step),
                  manager.directory)
   elif config.init_from:
-    state = _init_from_pretrained(state, config, mesh)
+    state = state.replace(**_load_replicated_variables(
+        config.init_from,
+        {'params': state.params, 'batch_stats': state.batch_stats}, mesh))
+    logging.info('Initialised params and batch_stats from %s.',
+                 config.init_from)
   start_step = int(state.step)
 
   writer = _create_writer(workdir)
   if start_step == 0:
-    writer.write_hparams(_flat_hparams(config.to_dict()))
+    writer.write_hparams(flat_config(config.to_dict()))
   train_step = train.make_train_step(mesh, config, schedule)
   eval_step = train.make_eval_step(mesh)
   batches = _device_prefetch(input_pipeline.create_train_iterator(
@@ -199,8 +199,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   eval_metrics = {}
   pending = []
   interval_start = time.perf_counter()
-  end_step = total_steps if stop_at_step is None else min(stop_at_step,
-                                                          total_steps)
+  end_step = total_steps if stop_at_step is None else max(
+      start_step, min(stop_at_step, total_steps))
   nonfinite_run = 0
   with preemption.StopRequests() as stop:
     for step in range(start_step, end_step):
@@ -227,17 +227,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         _save_and_close(manager, done, state, config)
         writer.flush()
         raise preemption.Preempted(done, stop.signum)
+  if end_step == total_steps and not eval_metrics:
+    # Resumed from the final checkpoint: nothing trained, evaluate it.
+    eval_metrics = _evaluate_all(state, eval_step, mesh, eval_sets, config,
+                                 writer, end_step)
+  _save_and_close(manager, end_step, state, config)
+  writer.flush()
   if end_step < total_steps:
-    _save_and_close(manager, end_step, state, config)
     logging.info('Stopped at step %d of %d; rerun to resume.', end_step,
                  total_steps)
-    return eval_metrics
-  if not eval_metrics:
-    eval_metrics = _evaluate_all(state, eval_step, mesh, eval_sets, config,
-                                 writer, int(state.step))
-  manager.wait()
-  manager.close()
-  writer.flush()
   return eval_metrics
 
 
@@ -269,12 +267,12 @@ def _check_finite(history: list, run: int, step: int, config) -> int:
   return run
 
 
-def _flat_hparams(tree: dict, prefix: str = '') -> dict:
+def flat_config(tree: dict, prefix: str = '') -> dict:
   """Nested config values as 'a.b' keys with scalar or string values."""
   flat = {}
   for key, value in tree.items():
     if isinstance(value, dict):
-      flat.update(_flat_hparams(value, f'{prefix}{key}.'))
+      flat.update(flat_config(value, f'{prefix}{key}.'))
     else:
       flat[prefix + key] = value if isinstance(
           value, (bool, int, float, str)) else str(value)
@@ -301,14 +299,12 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         checkpoint: str | None = None) -> dict[str, float]:
   """Evaluates a checkpoint (default: the workdir's latest); trains nothing."""
   _, eval_sets, mesh, model = _setup(config, workdir)
-  source = checkpoint or str(epath.Path(workdir) / CHECKPOINT_DIR)
-  variables = checkpoints.load_variables(source)
+  source = checkpoint or str(checkpoints.workdir_checkpoints(workdir))
   size = config.eval_size
   reference = jax.eval_shape(
       lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
                          train=False))
-  checkpoints.check_compatible(variables, dict(reference), source)
-  variables = jax.device_put(variables, NamedSharding(mesh, P()))
+  variables = _load_replicated_variables(source, dict(reference), mesh)
   state = train.TrainState.create(
       apply_fn=model.apply, params=variables['params'],
       batch_stats=variables['batch_stats'], tx=optax.identity())

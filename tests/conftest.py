@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny configs and the embedded digits data, prepared once."""
+"""Shared fixtures: tiny configs, a tiny checkpoint and the embedded digits
+data, prepared once."""
 
 import os
 import sys
@@ -15,6 +16,15 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                       os.path.join(REPO, '.pytest_cache', 'jax'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import jax  # noqa: E402  (after the cache settings above)
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+from darknet53_jax import checkpoints  # noqa: E402
+from darknet53_jax import train  # noqa: E402
 
 
 def tiny_config(data_dir=None):
@@ -34,6 +44,58 @@ def tiny_config(data_dir=None):
   config.crop_area_range = (0.6, 1.0)
   config.learning_rate = 0.1
   return config
+
+
+def main_flags(config: ml_collections.ConfigDict) -> list[str]:
+  """``--config`` and the overrides that make ``main`` run ``config`` (a
+  changed quick start, such as ``tiny_config``)."""
+  from configs import quickstart  # pylint: disable=g-import-not-at-top
+  from darknet53_jax import trainer  # pylint: disable=g-import-not-at-top
+  base = trainer.flat_config(quickstart.get_config().to_dict())
+  wanted = trainer.flat_config(config.to_dict())
+  return ['--config=configs/quickstart.py'] + [
+      f'--config.{key}={value}' for key, value in sorted(wanted.items())
+      if base.get(key) != value]
+
+
+def random_variables(model, size: int, seed: int = 0) -> dict:
+  """He-normal kernels and random BatchNorm affines and statistics, drawn
+  with NumPy (jitting ``model.init`` compiles slowly on CPU)."""
+  rng = np.random.default_rng(seed)
+  abstract = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
+
+  def sample(path, leaf):
+    name = path[-1].key
+    if name == 'kernel':
+      std = np.sqrt(2 / np.prod(leaf.shape[:-1]))
+      return rng.normal(0, std, leaf.shape).astype(np.float32)
+    low, high = (-0.2, 0.2) if name in ('bias', 'mean') else (0.5, 1.5)
+    return rng.uniform(low, high, leaf.shape).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(sample, abstract)
+
+
+def write_checkpoint(directory: str, config: ml_collections.ConfigDict,
+                     step: int = 1) -> dict:
+  """Saves a random model of ``config`` as a train run would; returns its
+  variables."""
+  model = train.create_model(config, config.num_classes)
+  variables = random_variables(model, config.eval_size)
+  manager = checkpoints.CheckpointManager(directory)
+  manager.save(step, variables, config)
+  manager.wait()
+  manager.close()
+  return variables
+
+
+@pytest.fixture(scope='session')
+def tiny_checkpoint(tmp_path_factory):
+  """A random sklearn_digits model of ``tiny_config``, saved as a run would
+  (its class names come from tfds). Read it, do not write it."""
+  directory = str(tmp_path_factory.mktemp('tiny') / 'checkpoints')
+  write_checkpoint(directory, tiny_config())
+  return directory
 
 
 @pytest.fixture(scope='session')

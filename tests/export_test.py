@@ -9,8 +9,6 @@ import tensorflow as tf
 
 from darknet53_jax import export
 from darknet53_jax import predict
-from tests import conftest
-from tests.predict_test import write_checkpoint
 
 # (--batch_size, batch sizes to call the export with, --platforms).
 BATCHES = {'fixed': (2, (2,), ('cpu',)),
@@ -18,16 +16,9 @@ BATCHES = {'fixed': (2, (2,), ('cpu',)),
 
 
 @pytest.fixture(scope='module')
-def checkpoint(tmp_path_factory):
-  directory = str(tmp_path_factory.mktemp('export') / 'checkpoints')
-  write_checkpoint(directory, conftest.tiny_config())
-  return directory
-
-
-@pytest.fixture(scope='module')
-def flax_logits(checkpoint):
+def flax_logits(tiny_checkpoint):
   """Images -> the checkpoint's Flax logits."""
-  _, model, variables = predict.load_inference_model(checkpoint)
+  _, model, variables = predict.load_inference_model(tiny_checkpoint)
   apply = jax.jit(model.apply)
   return lambda images: np.asarray(apply(variables, images))
 
@@ -42,11 +33,11 @@ def _relative_difference(got, want) -> float:
 
 
 @pytest.mark.parametrize('batching', list(BATCHES))
-def test_stablehlo_reloads_and_matches_flax(checkpoint, flax_logits, tmp_path,
-                                            batching):
+def test_stablehlo_reloads_and_matches_flax(tiny_checkpoint, flax_logits,
+                                           tmp_path, batching):
   batch_size, batches, platforms = BATCHES[batching]
-  export.export_checkpoint(checkpoint, 'stablehlo', str(tmp_path), batch_size,
-                           platforms=platforms)
+  export.export_checkpoint(tiny_checkpoint, 'stablehlo', str(tmp_path),
+                           batch_size, platforms=platforms)
   exported = jax.export.deserialize(
       (tmp_path / export.STABLEHLO_FILE).read_bytes())
   assert exported.platforms == platforms
@@ -59,10 +50,10 @@ def test_stablehlo_reloads_and_matches_flax(checkpoint, flax_logits, tmp_path,
 
 
 @pytest.mark.parametrize('batching', list(BATCHES))
-def test_saved_model_reloads_and_matches_flax(checkpoint, flax_logits,
+def test_saved_model_reloads_and_matches_flax(tiny_checkpoint, flax_logits,
                                               tmp_path, batching):
   batch_size, batches, platforms = BATCHES[batching]
-  export.export_checkpoint(checkpoint, 'saved_model', str(tmp_path),
+  export.export_checkpoint(tiny_checkpoint, 'saved_model', str(tmp_path),
                            batch_size, platforms=platforms)
   loaded = tf.saved_model.load(str(tmp_path))
   for batch in batches:
@@ -76,8 +67,8 @@ def test_saved_model_reloads_and_matches_flax(checkpoint, flax_logits,
   assert (tmp_path / export.CONFIG_FILE).exists()
 
 
-def test_image_size_overrides_the_eval_size(checkpoint, tmp_path):
-  export.export_checkpoint(checkpoint, 'stablehlo', str(tmp_path), 1,
+def test_image_size_overrides_the_eval_size(tiny_checkpoint, tmp_path):
+  export.export_checkpoint(tiny_checkpoint, 'stablehlo', str(tmp_path), 1,
                            image_size=64, platforms=('cpu',))
   exported = jax.export.deserialize(
       (tmp_path / export.STABLEHLO_FILE).read_bytes())
@@ -91,14 +82,14 @@ def test_bad_batch_sizes_are_refused(value):
     export.parse_batch_size(value)
 
 
-def test_bad_arguments_are_refused(checkpoint, tmp_path):
+def test_bad_arguments_are_refused(tiny_checkpoint, tmp_path):
   assert export.parse_batch_size('dynamic') is None
   assert export.parse_batch_size('8') == 8
   with pytest.raises(export.ExportError, match='--format'):
-    export.export_checkpoint(checkpoint, 'onnx', str(tmp_path), 1)
+    export.export_checkpoint(tiny_checkpoint, 'onnx', str(tmp_path), 1)
   with pytest.raises(export.ExportError, match='--platforms'):
-    export.export_checkpoint(checkpoint, 'stablehlo', str(tmp_path), 1,
+    export.export_checkpoint(tiny_checkpoint, 'stablehlo', str(tmp_path), 1,
                              platforms=('gpu',))
   (tmp_path / 'old').write_text('')
   with pytest.raises(export.ExportError, match='not empty'):
-    export.export_checkpoint(checkpoint, 'stablehlo', str(tmp_path), 1)
+    export.export_checkpoint(tiny_checkpoint, 'stablehlo', str(tmp_path), 1)

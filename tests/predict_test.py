@@ -5,8 +5,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -14,49 +12,9 @@ import tensorflow as tf
 from darknet53_jax import checkpoints
 from darknet53_jax import input_pipeline
 from darknet53_jax import predict
-from darknet53_jax import train
 from tests import conftest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def random_variables(model, size: int, seed: int = 0) -> dict:
-  """He-normal kernels and random BatchNorm affines and statistics, drawn
-  with NumPy (jitting ``model.init`` compiles slowly on CPU)."""
-  rng = np.random.default_rng(seed)
-  abstract = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
-
-  def sample(path, leaf):
-    name = path[-1].key
-    if name == 'kernel':
-      std = np.sqrt(2 / np.prod(leaf.shape[:-1]))
-      return rng.normal(0, std, leaf.shape).astype(np.float32)
-    low, high = (-0.2, 0.2) if name in ('bias', 'mean') else (0.5, 1.5)
-    return rng.uniform(low, high, leaf.shape).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(sample, abstract)
-
-
-def write_checkpoint(directory: str, config: ml_collections.ConfigDict,
-                     step: int = 1) -> dict:
-  """Saves a random model of ``config`` as a train run would; returns its
-  variables."""
-  model = train.create_model(config, config.num_classes)
-  variables = random_variables(model, config.eval_size)
-  manager = checkpoints.CheckpointManager(directory)
-  manager.save(step, variables, config)
-  manager.wait()
-  manager.close()
-  return variables
-
-
-@pytest.fixture(scope='module')
-def digits_checkpoint(tmp_path_factory):
-  """A tiny sklearn_digits checkpoint (its class names come from tfds)."""
-  directory = str(tmp_path_factory.mktemp('digits') / 'checkpoints')
-  write_checkpoint(directory, conftest.tiny_config())
-  return directory
 
 
 @pytest.fixture(scope='module')
@@ -81,10 +39,10 @@ def _parse(stdout: str) -> dict[str, list[tuple[float, str]]]:
 
 
 def test_probabilities_are_the_models_on_eval_preprocessing(
-    digits_checkpoint, digit_png, capsys):
-  assert predict.predict_files(digits_checkpoint, [digit_png]) == 0
+    tiny_checkpoint, digit_png, capsys):
+  assert predict.predict_files(tiny_checkpoint, [digit_png]) == 0
   printed = _parse(capsys.readouterr().out)[digit_png]
-  config, model, variables = predict.load_inference_model(digits_checkpoint)
+  config, model, variables = predict.load_inference_model(tiny_checkpoint)
   image = input_pipeline.preprocess_eval(tf.io.read_file(digit_png), config)
   logits = jax.jit(model.apply)(variables, image.numpy()[None])
   want = jax.nn.softmax(logits)[0]
@@ -94,13 +52,13 @@ def test_probabilities_are_the_models_on_eval_preprocessing(
 
 
 def test_cli_reports_bad_files_and_classifies_the_rest(
-    digits_checkpoint, digit_png, tmp_path):
+    tiny_checkpoint, digit_png, tmp_path):
   notes = tmp_path / 'notes.txt'
   notes.write_text('not an image')
   missing = str(tmp_path / 'missing.jpg')
   result = subprocess.run(
       [sys.executable, '-m', 'darknet53_jax.predict',
-       f'--checkpoint={digits_checkpoint}', missing, digit_png, str(notes)],
+       f'--checkpoint={tiny_checkpoint}', missing, digit_png, str(notes)],
       cwd=REPO, capture_output=True, text=True, check=False)
   assert result.returncode == 1
   predictions = _parse(result.stdout)

@@ -20,19 +20,20 @@ EPOCHS = 3
 STEPS = EPOCHS * (1437 // 128)
 
 
-def _flags(data_dir, workdir):
-  return ['--config=configs/quickstart.py', f'--config.data_dir={data_dir}',
-          '--config.model.width_multiplier=0.125',
-          '--config.model.stage_depths=(1,1,1,1,1)',
-          f'--config.num_epochs={EPOCHS}', '--config.batch_size=128',
-          '--config.checkpoint_every_epochs=1', '--config.eval_every_epochs=3',
-          '--config.log_every_steps=1', f'--workdir={workdir}']
+def _config(data_dir):
+  """The tiny config for three epochs, logging every step."""
+  config = conftest.tiny_config(data_dir)
+  config.num_epochs = EPOCHS
+  config.eval_every_epochs = EPOCHS
+  config.log_every_steps = 1
+  return config
 
 
 def _start(data_dir, workdir):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', JAX_PLATFORMS='cpu')
   return subprocess.Popen(
-      [sys.executable, '-m', 'darknet53_jax.main', *_flags(data_dir, workdir)],
+      [sys.executable, '-m', 'darknet53_jax.main',
+       *conftest.main_flags(_config(data_dir)), f'--workdir={workdir}'],
       cwd=conftest.REPO, env=env, stderr=subprocess.PIPE, text=True)
 
 
@@ -56,10 +57,7 @@ def _finish(data_dir, workdir):
 def reference_params(digits_data_dir, tmp_path_factory):
   """Parameters of an uninterrupted run of the same config."""
   workdir = tmp_path_factory.mktemp('uninterrupted')
-  config = conftest.tiny_config(digits_data_dir)
-  config.num_epochs = EPOCHS
-  config.eval_every_epochs = 3
-  trainer.train_and_evaluate(config, str(workdir))
+  trainer.train_and_evaluate(_config(digits_data_dir), str(workdir))
   return checkpoints.load_variables(str(workdir))
 
 
