@@ -99,7 +99,7 @@ def test_checkpoint_of_another_shape_is_refused(digits_data_dir, tmp_path):
   assert 'does not fit this model' in result.stderr.strip().splitlines()[-1]
 
 
-def _train_scalars(workdir, tag):
+def _scalars(workdir, tag):
   from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   events = event_accumulator.EventAccumulator(str(workdir))
@@ -114,9 +114,9 @@ def test_same_seed_gives_the_same_metrics_step_for_step(digits_data_dir,
   config.log_every_steps = 1
   for name in ('a', 'b'):
     trainer.train_and_evaluate(config, str(tmp_path / name), stop_at_step=6)
-  losses = _train_scalars(tmp_path / 'a', 'train/loss')
+  losses = _scalars(tmp_path / 'a', 'train/loss')
   assert [step for step, _ in losses] == [1, 2, 3, 4, 5, 6]
-  assert losses == _train_scalars(tmp_path / 'b', 'train/loss')
+  assert losses == _scalars(tmp_path / 'b', 'train/loss')
 
 
 def test_init_from_starts_a_new_run_from_pretrained_weights(digits_data_dir,
@@ -133,3 +133,16 @@ def test_init_from_starts_a_new_run_from_pretrained_weights(digits_data_dir,
   for x, y in zip(jax.tree.leaves(pretrained),
                   jax.tree.leaves(_params(tmp_path / 'finetuned'))):
     np.testing.assert_array_equal(x, y)
+
+
+def test_every_eval_set_gets_its_own_metrics(digits_data_dir, tmp_path,
+                                             tiny_checkpoint):
+  config = conftest.tiny_config(digits_data_dir)
+  config.eval_sets.train_head = ('sklearn_digits', 'train[:100]')
+  main = trainer.evaluate_checkpoint(config, str(tmp_path), tiny_checkpoint)
+  assert main['num_examples'] == 360
+  assert _scalars(tmp_path, 'eval/num_examples') == [(1, 360.0)]
+  assert _scalars(tmp_path, 'eval_train_head/num_examples') == [
+      (1, 100.0)]
+  top1, = _scalars(tmp_path, 'eval_train_head/top1')
+  assert 0.0 <= top1[1] <= 1.0
