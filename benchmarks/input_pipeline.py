@@ -8,21 +8,22 @@ detail and noise, about 100 kB each, as ImageNet's), prepares them as an
 image folder, then measures, pinned to ``--cores`` CPUs:
 
 - ``tf.io.decode_jpeg`` of every file, full decode only (the raw rate);
-- ``preprocess_train`` alone on the same in-memory bytes, with and without
-  colour jitter;
+- ``preprocess_train`` alone on the same in-memory bytes;
 - the whole train pipeline (reading the prepared dataset, shuffling,
   batching) with the reference recipe (configs/imagenet.py): random-resized
-  crop decoded from the JPEG, flip, resize to 256, colour jitter, normalise,
-  float16, batches of 64;
+  crop decoded from the JPEG, flip, resize to 256, uint8, colour-jitter
+  factors, batches of 64 (the jitter and normalisation run on the devices);
 - the whole eval pipeline: the reference (resize 292 bilinear, crop 256) and
   timm's (288 bicubic, crop 256).
 
 Rates are images per CPU-second of the process (images/s per core),
-each the median of ``--repeats`` runs of ``--seconds`` of CPU time; the
-runs of the different pipelines alternate so that other processes' load
-affects them alike. Prints a Markdown table.
+each the median of ``--repeats`` runs of ``--seconds`` of CPU time, each run
+on a freshly built pipeline that is closed after it; the runs of the
+different pipelines alternate so that other processes' load affects them
+alike. Prints a Markdown table.
 """
 
+import gc
 import os
 import sys
 import tempfile
@@ -120,8 +121,6 @@ def main(argv):
     input_pipeline.ensure_prepared(builder)
     timm = config.copy_and_resolve_references()
     timm.eval_crop_pct, timm.interpolation = 0.887, 'bicubic'
-    no_jitter = config.copy_and_resolve_references()
-    no_jitter.color_jitter = 0.0
     batch = FLAGS.batch_size
 
     def in_memory(fn):
@@ -134,28 +133,30 @@ def main(argv):
       return iter(ds.batch(batch).prefetch(tf.data.AUTOTUNE))
 
     pipelines = {
-        'tf.io.decode_jpeg (raw, full decode)': in_memory(
+        'tf.io.decode_jpeg (raw, full decode)': lambda: in_memory(
             lambda image, seed: tf.io.decode_jpeg(image)),
-        'preprocess_train alone, no colour jitter': in_memory(
-            lambda image, seed: input_pipeline.preprocess_train(
-                image, seed, no_jitter)),
-        'preprocess_train alone': in_memory(
+        'preprocess_train alone': lambda: in_memory(
             lambda image, seed: input_pipeline.preprocess_train(
                 image, seed, config)),
-        'train pipeline: reference recipe, 256 px, float16': (
+        'train pipeline: reference recipe, 256 px': lambda: (
             input_pipeline.create_train_iterator(builder, config, batch, 0,
                                                  0, 1)),
-        'eval pipeline: reference, resize 292 bilinear, crop 256': _endless(
-            input_pipeline.create_eval_dataset(builder, config, 'validation',
-                                               batch, 0, 1)[0]),
-        'eval pipeline: timm, resize 288 bicubic, crop 256': _endless(
-            input_pipeline.create_eval_dataset(builder, timm, 'validation',
-                                               batch, 0, 1)[0]),
+        'eval pipeline: reference, resize 292 bilinear, crop 256': lambda: (
+            _endless(input_pipeline.create_eval_dataset(
+                builder, config, 'validation', batch, 0, 1)[0])),
+        'eval pipeline: timm, resize 288 bicubic, crop 256': lambda: (
+            _endless(input_pipeline.create_eval_dataset(
+                builder, timm, 'validation', batch, 0, 1)[0])),
     }
     rates = {name: [] for name in pipelines}
     for _ in range(FLAGS.repeats):
-      for name, batches in pipelines.items():
+      for name, create in pipelines.items():
+        # A fresh pipeline per run, closed after it: a live one refills its
+        # prefetch buffers on this process's CPU time while others run.
+        batches = create()
         rates[name].append(_rate(batches, batch, FLAGS.seconds))
+        del batches
+        gc.collect()
 
   raw_rate = np.median(rates[next(iter(rates))])
   print(f'{FLAGS.num_images} JPEGs {IMAGE_SIZE[1]}x{IMAGE_SIZE[0]}, quality '

@@ -15,6 +15,7 @@ the runtime reports it. ``--batch_size`` is global; ``--image_size`` sets the
 train and the inference size. Imports no TensorFlow.
 """
 
+import functools
 import json
 import os
 import statistics
@@ -129,10 +130,10 @@ def peak_memory_bytes(devices) -> int | None:
   return None if None in peaks else max(peaks)
 
 
-def _inference_step(state: train.TrainState, images):
+def _inference_step(state: train.TrainState, images, *, normalize):
   return state.apply_fn(
-      {'params': state.params, 'batch_stats': state.batch_stats}, images,
-      train=False)
+      {'params': state.params, 'batch_stats': state.batch_stats},
+      normalize(images), train=False)
 
 
 class JaxBenchmark:
@@ -155,15 +156,17 @@ class JaxBenchmark:
     self.inputs = {
         'train': synthetic_data.batch(
             self.mesh, config.batch_size, config.train_size,
-            config.num_classes, config.dtype),
+            config.num_classes),
         'inference': synthetic_data.batch(
             self.mesh, config.batch_size, config.eval_size,
-            config.num_classes, config.dtype, seed=1)['image'],
+            config.num_classes, seed=1)['image'],
     }
     self.steps = {
         'train': train.make_train_step(self.mesh, config, schedule),
         'inference': jax.jit(jax.shard_map(
-            _inference_step, mesh=self.mesh,
+            functools.partial(_inference_step,
+                              normalize=train.image_normalizer(config)),
+            mesh=self.mesh,
             in_specs=(P(), P(train.DATA_AXIS)), out_specs=P(train.DATA_AXIS))),
     }
 

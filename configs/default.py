@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
   # eval/*, e.g. config.eval_sets.v2 = ('imagenet_v2/matched-frequency',
   # 'test').
   config.eval_sets = ml_collections.ConfigDict()
-  config.num_classes = 1000
+  config.num_classes = 0  # 0: the dataset's class count (1000 for ImageNet).
   config.shuffle_buffer = 16_384
   config.train_size = 256
   config.crop_area_range = (0.08, 1.0)
@@ -41,9 +41,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.stage_depths = (1, 2, 8, 8, 4)
   config.model.bn_momentum = 0.9
   config.model.bn_epsilon = 1e-5
-  # Faster CPU training; False makes CPU results independent of the number
-  # of devices per process (see Darknet53.cpu_tap_matmul_gradients).
-  config.model.cpu_tap_matmul_gradients = True
+  # Faster on CPUs; False makes CPU results independent of the number
+  # of devices per process (see Darknet53.cpu_matmul_convs).
+  config.model.cpu_matmul_convs = True
   config.sync_batch_norm = True
 
   # Precision: float16 with dynamic loss scaling (GPU), bfloat16 (TPU) or

@@ -1,6 +1,10 @@
 """tensorflow-datasets input pipeline: per-process splits, tf.data
 preprocessing, and batches as NumPy arrays. Knows nothing of JAX.
 
+Images leave the host as uint8, with each train image's colour-jitter
+factors beside it; the train and eval steps jitter and normalise them on the
+devices (``image_ops``).
+
 The train stream is a pure function of (seed, process, step): epoch e is the
 process's share shuffled with a seed derived from (seed, e), and every
 example's augmentation is drawn with stateless ops from (seed, its position in
@@ -27,14 +31,10 @@ import tensorflow_datasets as tfds
 from darknet53_jax import datasets  # noqa: F401  (registers our builders)
 from darknet53_jax.datasets import image_folder
 
-TF_DTYPES = {'float32': tf.float32, 'bfloat16': tf.bfloat16,
-             'float16': tf.float16}
 INTERPOLATIONS = {'bilinear': tf.image.ResizeMethod.BILINEAR,
                   'bicubic': tf.image.ResizeMethod.BICUBIC}
 # The antialiasing kernels tf.image.resize uses for each interpolation.
 AA_KERNELS = {'bilinear': 'triangle', 'bicubic': 'keyscubic'}
-# tf.image.rgb_to_grayscale's (and torchvision's) weights.
-GREY_WEIGHTS = (0.2989, 0.5870, 0.1140)
 # Datasets that ship their data and so are prepared on first use.
 EMBEDDED_DATASETS = ('sklearn_digits',)
 # Archives that must be downloaded by hand before preparing a dataset.
@@ -271,68 +271,29 @@ def _jitter_factors(seed, strength: float):
       for s in tf.unstack(tf.random.experimental.stateless_split(seed, 3))])
 
 
-def _color_jitter(image, brightness, contrast, saturation):
-  """torchvision's ColorJitter brightness, contrast, saturation, in order.
-
-  All three are linear in the pixels, so they are composed into one step (a
-  scale, an offset and a mix with the grey level); the caller clips once.
-  """
-  grey = sum(w * image[..., c] for c, w in enumerate(GREY_WEIGHTS))
-  # Brightness, then contrast about the mean grey level: scale * x + offset.
-  scale = contrast * brightness
-  offset = (1.0 - contrast) * brightness * tf.reduce_mean(grey)
-  # Saturation mixes x' with grey(x') = scale * grey + offset * sum(weights).
-  return ((saturation * scale) * image
-          + ((1.0 - saturation) * scale) * grey[..., None]
-          + offset * (saturation + (1.0 - saturation) * sum(GREY_WEIGHTS)))
-
-
 @tf.function(jit_compile=True)
-def _finish(image, jitter, mean, std, dtype):
-  """Colour jitter (unless ``jitter`` is None), clip, normalise, cast.
-
-  One XLA kernel: as separate TF ops these passes over the image cost more
-  than the resize before them.
-
-  Args:
-    image: float32 [height, width, 3] in [0, 255] (up to resize overshoot).
-    jitter: None, or float32 [3] brightness, contrast, saturation factors.
-    mean: float32 [3], subtracted.
-    std: float32 [3], divided by.
-    dtype: the output dtype.
-
-  Returns:
-    The normalised image in ``dtype``.
-  """
-  if jitter is not None:
-    image = _color_jitter(image, *tf.unstack(jitter))
-  image = tf.clip_by_value(image, 0.0, 255.0)
-  return tf.cast((image - mean) / std, dtype)
+def _to_uint8(image):
+  """Rounds and saturates [0, 255] floats (resize overshoot) to uint8."""
+  return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
 
 
-def _finish_for(image, config, jitter=None):
-  """``_finish`` with ``config``'s normalisation and compute dtype."""
-  return _finish(image, jitter,
-                 tf.constant(config.mean_rgb, tf.float32) * 255.0,
-                 tf.constant(config.std_rgb, tf.float32) * 255.0,
-                 TF_DTYPES[config.dtype])
-
-
-def preprocess_train(image_bytes, seed, config):
-  """Random-resized crop on the compressed bytes, flip, jitter, normalise.
+def preprocess_train(image_bytes, seed, config) -> dict:
+  """Random-resized crop on the compressed bytes, flip, resize; jitter draw.
 
   The resize is not antialiased, as the reference's (OpenCV bilinear) and
   the Flax example's; flipping the crop before resizing it is the same as
-  flipping after, and cheaper.
+  flipping after, and cheaper. The colour jitter itself and the
+  normalisation run on the devices (``image_ops.normalize``).
 
   Args:
     image_bytes: an encoded image (JPEG, PNG, GIF or BMP).
     seed: int64 [2], the stateless seed of every random choice.
     config: train_size, crop_area_range, aspect_ratio_range, interpolation,
-      random_flip, color_jitter, mean_rgb, std_rgb, dtype.
+      random_flip, color_jitter.
 
   Returns:
-    [train_size, train_size, 3] in ``config.dtype``.
+    'image': uint8 [train_size, train_size, 3]; with ``color_jitter``,
+    'color_jitter': float32 [3] brightness, contrast, saturation factors.
   """
   crop_seed, flip_seed, jitter_seed = tf.unstack(
       tf.random.experimental.stateless_split(seed, 3))
@@ -342,9 +303,10 @@ def preprocess_train(image_bytes, seed, config):
   image = tf.image.resize(tf.cast(image, tf.float32),
                           [config.train_size, config.train_size],
                           method=INTERPOLATIONS[config.interpolation])
-  jitter = (_jitter_factors(jitter_seed, config.color_jitter)
-            if config.color_jitter else None)
-  return _finish_for(image, config, jitter)
+  outputs = {'image': _to_uint8(image)}
+  if config.color_jitter:
+    outputs['color_jitter'] = _jitter_factors(jitter_seed, config.color_jitter)
+  return outputs
 
 
 def eval_resize_size(config) -> int:
@@ -360,7 +322,7 @@ def preprocess_eval(image_bytes, config):
   resize is antialiased (as PIL's) and computes the cropped window only.
 
   Returns:
-    [eval_size, eval_size, 3] in ``config.dtype``.
+    uint8 [eval_size, eval_size, 3].
   """
   image = tf.cast(_decode(image_bytes), tf.float32)
   shape = tf.shape(image)[:2]
@@ -372,7 +334,7 @@ def preprocess_eval(image_bytes, config):
       scale=tf.cast(resized, tf.float32) / tf.cast(shape, tf.float32),
       translation=-offset, kernel_type=AA_KERNELS[config.interpolation],
       antialias=True)[0]
-  return _finish_for(image, config)
+  return _to_uint8(image)
 
 
 def _map_in_batches(ds: tf.data.Dataset, fn: Callable, batch_size: int,
@@ -512,7 +474,7 @@ def create_train_iterator(builder, config, local_batch_size: int,
 
   def preprocess(example):
     example_seed = tf.stack([seed * 65537 + stream_id, example['position']])
-    return {'image': preprocess_train(example['image'], example_seed, config),
+    return {**preprocess_train(example['image'], example_seed, config),
             'label': example['label']}
 
   start_epoch, offset = divmod(start_step, steps_per_epoch)

@@ -31,13 +31,13 @@ class ConvBN(nn.Module):
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   bn_axis_name: str | None = None
-  cpu_tap_matmul_gradients: bool = True
+  cpu_matmul_convs: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool):
     pad = self.kernel_size // 2
     conv_general_dilated = (conv_lib.conv_general_dilated
-                            if self.cpu_tap_matmul_gradients
+                            if self.cpu_matmul_convs
                             else lax.conv_general_dilated)
     x = nn.Conv(
         self.features, (self.kernel_size, self.kernel_size),
@@ -77,11 +77,11 @@ class Darknet53(nn.Module):
     bn_epsilon: BatchNorm epsilon.
     bn_axis_name: mesh axis to synchronise BatchNorm batch statistics over
       in training (``None``: per-device statistics).
-    cpu_tap_matmul_gradients: on CPUs, compute conv kernel gradients as one
-      matmul per kernel tap (about 3x faster; see ``conv``). XLA:CPU splits
-      those matmuls by the number of devices in the process, so their
-      rounding differs between, say, 2 and 4 local devices; ``False`` keeps
-      XLA's convolution gradients, whose results do not depend on it.
+    cpu_matmul_convs: on CPUs, compute 1x1 convolutions and every conv
+      kernel gradient as matmuls (faster; see ``conv``). XLA:CPU splits
+      matmuls by the number of devices in the process, so their rounding
+      differs between, say, 2 and 4 local devices; ``False`` keeps XLA's
+      convolutions, whose results do not depend on it.
   """
   num_classes: int = 1000
   activation: str = 'leaky_relu'
@@ -92,7 +92,7 @@ class Darknet53(nn.Module):
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   bn_axis_name: str | None = None
-  cpu_tap_matmul_gradients: bool = True
+  cpu_matmul_convs: bool = True
 
   def _width(self, channels: int) -> int:
     return max(1, int(round(channels * self.width_multiplier)))
@@ -121,7 +121,7 @@ class Darknet53(nn.Module):
     conv = functools.partial(
         ConvBN, activation=act, dtype=self.dtype, bn_momentum=self.bn_momentum,
         bn_epsilon=self.bn_epsilon, bn_axis_name=self.bn_axis_name,
-        cpu_tap_matmul_gradients=self.cpu_tap_matmul_gradients)
+        cpu_matmul_convs=self.cpu_matmul_convs)
 
     x = jnp.asarray(images, self.dtype)
     x = conv(self._width(STEM_WIDTH), 3, name='stem')(x, train)

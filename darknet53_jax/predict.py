@@ -72,7 +72,7 @@ def class_names(config: ml_collections.ConfigDict) -> list[str]:
 
 
 def load_image(path: str, config: ml_collections.ConfigDict) -> np.ndarray:
-  """One image, preprocessed for eval: float32 [eval_size, eval_size, 3]."""
+  """One image, preprocessed for eval: uint8 [eval_size, eval_size, 3]."""
   if not tf.io.gfile.exists(path):
     raise ImageError('no such file')
   if tf.io.gfile.isdir(path):
@@ -88,8 +88,9 @@ def predict_files(checkpoint: str, paths: list[str]) -> int:
   """Prints each image's top classes; returns how many files failed."""
   config, model, variables = load_inference_model(checkpoint)
   names = class_names(config)
+  normalize = train.image_normalizer(config)
   probabilities = jax.jit(
-      lambda v, images: jax.nn.softmax(model.apply(v, images)))
+      lambda v, images: jax.nn.softmax(model.apply(v, normalize(images))))
   failed = 0
   for path in paths:
     try:

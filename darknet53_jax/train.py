@@ -20,6 +20,7 @@ from flax.training import train_state
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from darknet53_jax import image_ops
 from darknet53_jax import model as model_lib
 from darknet53_jax import optim
 
@@ -59,7 +60,7 @@ def create_model(config: ml_collections.ConfigDict,
       stage_depths=tuple(m.stage_depths), dtype=compute_dtype(config),
       bn_momentum=m.bn_momentum, bn_epsilon=m.bn_epsilon,
       bn_axis_name=DATA_AXIS if config.sync_batch_norm else None,
-      cpu_tap_matmul_gradients=m.cpu_tap_matmul_gradients)
+      cpu_matmul_convs=m.cpu_matmul_convs)
 
 
 def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict,
@@ -87,9 +88,20 @@ def create_replicated_train_state(rng, config, model, tx, mesh) -> TrainState:
   return jax.jit(init, out_shardings=NamedSharding(mesh, P()))(rng)
 
 
+def image_normalizer(config: ml_collections.ConfigDict):
+  """``image_ops.normalize`` with the config's mean, std and dtype."""
+  return functools.partial(image_ops.normalize, mean_rgb=config.mean_rgb,
+                           std_rgb=config.std_rgb,
+                           dtype=compute_dtype(config))
+
+
 def train_step(state: TrainState, batch, *, learning_rate_fn,
-               label_smoothing: float, sync_batch_norm: bool):
+               label_smoothing: float, sync_batch_norm: bool, normalize):
   """One SGD step on this device's slice of the global batch.
+
+  ``batch`` holds uint8 'image's, int 'label's and, with colour jitter, its
+  per-image 'color_jitter' factors; ``normalize`` (``image_normalizer``)
+  turns the images into the model's input.
 
   The loss is the global-batch mean (``pmean`` over the axis). Because the
   params enter the shard_map replicated, JAX transposes their implicit
@@ -100,10 +112,12 @@ def train_step(state: TrainState, batch, *, learning_rate_fn,
   optimiser state (only ``step`` and the loss scale move), and reports
   ``finite = 0``.
   """
+  images = normalize(batch['image'], jitter=batch.get('color_jitter'))
+
   def loss_fn(params):
     logits, updates = state.apply_fn(
         {'params': params, 'batch_stats': state.batch_stats},
-        batch['image'], train=True, mutable=['batch_stats'])
+        images, train=True, mutable=['batch_stats'])
     loss = optim.cross_entropy(logits, batch['label'], label_smoothing).mean()
     return lax.pmean(loss, DATA_AXIS), (logits, updates['batch_stats'])
 
@@ -139,11 +153,11 @@ def train_step(state: TrainState, batch, *, learning_rate_fn,
   return new_state, metrics
 
 
-def eval_step(state: TrainState, batch):
+def eval_step(state: TrainState, batch, *, normalize):
   """Sums of loss, top-1 and top-5 hits over the examples with mask 1."""
   logits = state.apply_fn(
       {'params': state.params, 'batch_stats': state.batch_stats},
-      batch['image'], train=False)
+      normalize(batch['image']), train=False)
   mask = batch['mask'].astype(jnp.float32)
   labels = batch['label']
   loss = optim.cross_entropy(logits, labels)
@@ -166,15 +180,17 @@ def make_train_step(mesh: Mesh, config: ml_collections.ConfigDict,
   step = functools.partial(
       train_step, learning_rate_fn=learning_rate_fn,
       label_smoothing=config.label_smoothing,
-      sync_batch_norm=config.sync_batch_norm)
+      sync_batch_norm=config.sync_batch_norm,
+      normalize=image_normalizer(config))
   sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
                           out_specs=(P(), P()))
   return jax.jit(sharded, donate_argnums=0)
 
 
-def make_eval_step(mesh: Mesh):
+def make_eval_step(mesh: Mesh, config: ml_collections.ConfigDict):
   """The jitted, sharded eval step: (state, global batch) -> metric sums."""
-  sharded = jax.shard_map(eval_step, mesh=mesh,
+  step = functools.partial(eval_step, normalize=image_normalizer(config))
+  sharded = jax.shard_map(step, mesh=mesh,
                           in_specs=(P(), P(DATA_AXIS)), out_specs=P())
   return jax.jit(sharded)
 

@@ -47,11 +47,11 @@ def _prepare_data(config):
   for eval_builder, _ in eval_sets.values():
     input_pipeline.ensure_prepared(eval_builder)
   dataset_classes = input_pipeline.num_classes(builder)
-  if config.num_classes != dataset_classes:
+  if config.num_classes not in (0, dataset_classes):
     raise config_checks.ConfigError(
         f'config.num_classes={config.num_classes} but {config.dataset!r} has '
         f'{dataset_classes} classes: set --config.num_classes='
-        f'{dataset_classes}.')
+        f'{dataset_classes} (or 0, the dataset\'s count).')
   return builder, eval_sets
 
 
@@ -123,13 +123,21 @@ def _check_writable(workdir: str) -> None:
 
 
 def _setup(config: ml_collections.ConfigDict, workdir: str):
-  """Validates the config and workdir and builds data, mesh and model."""
+  """Validates the config and workdir and builds data, mesh and model.
+
+  Returns:
+    (the config with ``num_classes`` 0 resolved to the dataset's class
+    count, the train builder, the eval sets, the mesh, the model).
+  """
   config_checks.validate(config, jax.device_count(), jax.process_count())
   _check_writable(workdir)
   builder, eval_sets = _prepare_data(config)
+  if not config.num_classes:
+    config = config.copy_and_resolve_references()
+    config.num_classes = input_pipeline.num_classes(builder)
   mesh = train.create_mesh()
   model = train.create_model(config, config.num_classes)
-  return builder, eval_sets, mesh, model
+  return config, builder, eval_sets, mesh, model
 
 
 def _load_replicated_variables(source: str, reference: dict, mesh) -> dict:
@@ -154,7 +162,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     The last evaluation metrics of this call (possibly empty if stopped
     early).
   """
-  builder, eval_sets, mesh, model = _setup(config, workdir)
+  config, builder, eval_sets, mesh, model = _setup(config, workdir)
   local_batch = config.batch_size // jax.process_count()
   steps_per_epoch = input_pipeline.train_steps_per_epoch(
       builder, config, local_batch, jax.process_count())
@@ -183,7 +191,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if start_step == 0:
     writer.write_hparams(flat_config(config.to_dict()))
   train_step = train.make_train_step(mesh, config, schedule)
-  eval_step = train.make_eval_step(mesh)
+  eval_step = train.make_eval_step(mesh, config)
   batches = _device_prefetch(input_pipeline.create_train_iterator(
       builder, config, local_batch, start_step, jax.process_index(),
       jax.process_count()), mesh)
@@ -298,7 +306,7 @@ def _write_train(writer, step: int, history: list, config,
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         checkpoint: str | None = None) -> dict[str, float]:
   """Evaluates a checkpoint (default: the workdir's latest); trains nothing."""
-  _, eval_sets, mesh, model = _setup(config, workdir)
+  config, _, eval_sets, mesh, model = _setup(config, workdir)
   source = checkpoint or str(checkpoints.workdir_checkpoints(workdir))
   size = config.eval_size
   reference = jax.eval_shape(
@@ -310,7 +318,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
       batch_stats=variables['batch_stats'], tx=optax.identity())
   step = checkpoints.checkpoint_step(source)
   writer = _create_writer(workdir)
-  metrics = _evaluate_all(state, train.make_eval_step(mesh), mesh, eval_sets,
+  metrics = _evaluate_all(state, train.make_eval_step(mesh, config), mesh, eval_sets,
                           config, writer, step)
   writer.flush()
   return metrics

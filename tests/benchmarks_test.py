@@ -76,3 +76,17 @@ def test_gpu_check_small_mode_on_cpu(tmp_path):
           assert results[framework][phase][field] > 0, (framework, phase,
                                                         field)
   assert summary.count('| train |') == 2
+
+
+def test_conv_layers_prints_one_row_per_layer_and_the_network():
+  result = _run([sys.executable, 'benchmarks/conv_layers.py',
+                 '--batch_size=1', '--image_size=32', '--rounds=1'],
+                JAX_PLATFORMS='cpu')
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = [line for line in result.stdout.splitlines()
+          if line.startswith('| ') and 'x' in line.split('|')[1]]
+  assert len(rows) == 16
+  network, = [line for line in result.stdout.splitlines()
+              if line.startswith('| **network**')]
+  times = [float(cell.strip('* ')) for cell in network.split('|')[3:-1]]
+  assert len(times) == 6 and all(t > 0 for t in times)

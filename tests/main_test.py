@@ -138,6 +138,7 @@ def test_init_from_starts_a_new_run_from_pretrained_weights(digits_data_dir,
 def test_every_eval_set_gets_its_own_metrics(digits_data_dir, tmp_path,
                                              tiny_checkpoint):
   config = conftest.tiny_config(digits_data_dir)
+  config.num_classes = 0  # From the dataset's metadata: 10, the checkpoint's.
   config.eval_sets.train_head = ('sklearn_digits', 'train[:100]')
   main = trainer.evaluate_checkpoint(config, str(tmp_path), tiny_checkpoint)
   assert main['num_examples'] == 360

@@ -5,11 +5,13 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from darknet53_jax import checkpoints
+from darknet53_jax import image_ops
 from darknet53_jax import input_pipeline
 from darknet53_jax import predict
 from tests import conftest
@@ -44,7 +46,10 @@ def test_probabilities_are_the_models_on_eval_preprocessing(
   printed = _parse(capsys.readouterr().out)[digit_png]
   config, model, variables = predict.load_inference_model(tiny_checkpoint)
   image = input_pipeline.preprocess_eval(tf.io.read_file(digit_png), config)
-  logits = jax.jit(model.apply)(variables, image.numpy()[None])
+  assert image.dtype == tf.uint8
+  images = image_ops.normalize(image.numpy()[None], config.mean_rgb,
+                               config.std_rgb, jnp.float32)
+  logits = jax.jit(model.apply)(variables, images)
   want = jax.nn.softmax(logits)[0]
   top = np.argsort(-want)[:predict.TOP_K]
   assert [name for _, name in printed] == [str(i) for i in top]

@@ -35,8 +35,9 @@ def _setup(config, devices, num_classes=10):
 def _batches(config, count, seed=0):
   rng = np.random.default_rng(seed)
   size = config.train_size
-  return [{'image': rng.normal(size=(config.batch_size, size, size, 3)).astype(
-      np.float32), 'label': rng.integers(0, 10, config.batch_size)}
+  return [{'image': rng.integers(0, 256, (config.batch_size, size, size, 3),
+                                 np.uint8),
+           'label': rng.integers(0, 10, config.batch_size)}
           for _ in range(count)]
 
 
@@ -69,8 +70,8 @@ def multidevice_checks(data_dir: str) -> dict:
 
   mesh, state, _ = _setup(config, devices)
   builder = input_pipeline.get_builder(config)
-  metrics = trainer.evaluate(state, train.make_eval_step(mesh), mesh, builder,
-                             config, 'test[:37]')
+  metrics = trainer.evaluate(state, train.make_eval_step(mesh, config), mesh,
+                             builder, config, 'test[:37]')
   return {'devices': len(devices),
           'max_relative_difference': _max_relative_difference(on_eight,
                                                               on_one),
@@ -115,7 +116,8 @@ def test_non_finite_step_changes_nothing_and_halves_scale():
   state, _ = step(state, train.global_batch(mesh, _batches(config, 1)[0]))
   before = jax.device_get(state)
   bad = _batches(config, 1, seed=1)[0]
-  bad['image'][0, 0, 0, 0] = np.inf
+  bad['color_jitter'] = np.ones((config.batch_size, 3), np.float32)
+  bad['color_jitter'][0, 0] = np.nan  # A NaN image.
   state, metrics = step(state, train.global_batch(mesh, bad))
   after = jax.device_get(state)
   assert float(metrics['finite']) == 0.0
