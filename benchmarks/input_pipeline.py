@@ -16,8 +16,8 @@ image folder, then measures, pinned to ``--cores`` CPUs:
 - the whole eval pipeline: the reference (resize 292 bilinear, crop 256) and
   timm's (288 bicubic, crop 256).
 
-Rates are images per CPU-second of the process (images/s per core),
-each the median of ``--repeats`` runs of ``--seconds`` of CPU time, each run
+Rates are images per CPU-second of the process (images/s per core), and
+images per wall-clock second (to compare across ``--cores``), each the median of ``--repeats`` runs of ``--seconds`` of CPU time, each run
 on a freshly built pipeline that is closed after it; the runs of the
 different pipelines alternate so that other processes' load affects them
 alike. Prints a Markdown table.
@@ -76,20 +76,23 @@ def _write_images(root: str, count: int) -> list[bytes]:
   return encoded
 
 
-def _rate(batches, batch_size: int, seconds: float) -> float:
-  """Images per CPU-second of this process over ``seconds`` of CPU time.
+def _rate(batches, batch_size: int, seconds: float) -> tuple[float, float]:
+  """Images per CPU-second of this process, and per wall-second, over
+  ``seconds`` of CPU time.
 
-  CPU time rather than wall time: other processes on a shared machine slow
-  the wall clock but not the work each image costs.
+  CPU time rather than wall time for the first: other processes on a shared
+  machine slow the wall clock but not the work each image costs. The wall
+  rate, compared across ``--cores``, shows how the pipeline scales.
   """
   start = time.process_time()
   while time.process_time() - start < WARM_UP_FRACTION * seconds:
     next(batches)
-  count, start = 0, time.process_time()
+  count, start, wall = 0, time.process_time(), time.perf_counter()
   while time.process_time() - start < seconds:
     next(batches)
     count += batch_size
-  return count / (time.process_time() - start)
+  return (count / (time.process_time() - start),
+          count / (time.perf_counter() - wall))
 
 
 def _endless(iterable):
@@ -158,16 +161,17 @@ def main(argv):
         del batches
         gc.collect()
 
-  raw_rate = np.median(rates[next(iter(rates))])
+  raw_rate = np.median([cpu for cpu, _ in rates[next(iter(rates))]])
   print(f'{FLAGS.num_images} JPEGs {IMAGE_SIZE[1]}x{IMAGE_SIZE[0]}, quality '
         f'{JPEG_QUALITY}, mean {np.mean([len(e) for e in encoded]) / 1e3:.0f}'
         f' kB; pinned to {len(os.sched_getaffinity(0))} core(s); median of '
         f'{FLAGS.repeats} runs of {FLAGS.seconds:g} CPU-seconds.\n')
-  print('| pipeline | images per CPU-second | / raw decode |')
-  print('|---|---:|---:|')
+  print('| pipeline | images per CPU-second | / raw decode | images per '
+        'second (wall) |')
+  print('|---|---:|---:|---:|')
   for name, values in rates.items():
-    rate = np.median(values)
-    print(f'| {name} | {rate:.0f} | {rate / raw_rate:.2f} |')
+    rate, wall = np.median(values, axis=0)
+    print(f'| {name} | {rate:.0f} | {rate / raw_rate:.2f} | {wall:.0f} |')
 
 if __name__ == '__main__':
   app.run(main)
