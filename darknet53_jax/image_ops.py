@@ -2,9 +2,10 @@
 
 The host pipeline (``input_pipeline``) decodes, crops, flips and resizes to
 uint8 images; the train and eval steps turn them into normalised images in
-the compute dtype with these functions. Per-pixel float work on the devices
-costs nothing measurable there, takes about a quarter of the host's time per
-train image away (docs/data.md) and sends a quarter of float32's bytes.
+the compute dtype with these functions: a few elementwise passes over the
+batch that XLA fuses into the step. On the host they took about a quarter of
+the CPU time per train image (docs/data.md), and uint8 sends a quarter of
+float32's bytes.
 """
 
 from typing import Any, Sequence

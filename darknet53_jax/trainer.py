@@ -46,13 +46,26 @@ def _prepare_data(config):
   eval_sets = input_pipeline.get_eval_sets(config, builder)
   for eval_builder, _ in eval_sets.values():
     input_pipeline.ensure_prepared(eval_builder)
+  return builder, eval_sets
+
+
+def _resolve_num_classes(config, builder) -> ml_collections.ConfigDict:
+  """``config``, with ``num_classes`` 0 replaced by the dataset's count.
+
+  Raises:
+    ConfigError: a non-zero ``num_classes`` differs from the dataset's.
+  """
   dataset_classes = input_pipeline.num_classes(builder)
-  if config.num_classes not in (0, dataset_classes):
+  if config.num_classes == dataset_classes:
+    return config
+  if config.num_classes:
     raise config_checks.ConfigError(
         f'config.num_classes={config.num_classes} but {config.dataset!r} has '
         f'{dataset_classes} classes: set --config.num_classes='
         f'{dataset_classes} (or 0, the dataset\'s count).')
-  return builder, eval_sets
+  config = config.copy_and_resolve_references()
+  config.num_classes = dataset_classes
+  return config
 
 
 def _device_prefetch(batches: Iterator, mesh, size: int = 2) -> Iterator:
@@ -132,9 +145,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: str):
   config_checks.validate(config, jax.device_count(), jax.process_count())
   _check_writable(workdir)
   builder, eval_sets = _prepare_data(config)
-  if not config.num_classes:
-    config = config.copy_and_resolve_references()
-    config.num_classes = input_pipeline.num_classes(builder)
+  config = _resolve_num_classes(config, builder)
   mesh = train.create_mesh()
   model = train.create_model(config, config.num_classes)
   return config, builder, eval_sets, mesh, model
@@ -318,7 +329,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
       batch_stats=variables['batch_stats'], tx=optax.identity())
   step = checkpoints.checkpoint_step(source)
   writer = _create_writer(workdir)
-  metrics = _evaluate_all(state, train.make_eval_step(mesh, config), mesh, eval_sets,
-                          config, writer, step)
+  metrics = _evaluate_all(state, train.make_eval_step(mesh, config), mesh,
+                          eval_sets, config, writer, step)
   writer.flush()
   return metrics

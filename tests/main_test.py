@@ -44,10 +44,10 @@ def _main(*args, devices=1, timeout=300):
 
 
 def _tiny_flags(data_dir):
-  return ['--config=configs/quickstart.py', f'--config.data_dir={data_dir}',
-          '--config.model.width_multiplier=0.125',
-          '--config.model.stage_depths=(1,1,1,1,1)', '--config.num_epochs=1',
-          '--config.batch_size=128']
+  """``main``'s flags for one epoch of the tiny config."""
+  config = conftest.tiny_config(data_dir)
+  config.num_epochs = 1
+  return conftest.main_flags(config)
 
 
 def test_cli_trains_then_evaluates_only(digits_data_dir, tmp_path):
@@ -79,6 +79,8 @@ def test_cli_trains_then_evaluates_only(digits_data_dir, tmp_path):
      'not prepared'),
     ('workdir not writable', ['--workdir=/proc/darknet53'], 1,
      'Cannot write to --workdir=/proc/darknet53'),
+    ('classes not the dataset\'s', ['--config.num_classes=7'], 1,
+     'set --config.num_classes=10 (or 0'),
 ])
 def test_bad_input_stops_with_one_clear_line(digits_data_dir, tmp_path, case,
                                              extra, devices, message):
