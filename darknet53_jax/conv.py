@@ -1,11 +1,19 @@
 """Convolutions for ``nn.Conv`` that run faster on XLA:CPU.
 
-Values and gradients equal ``lax.conv_general_dilated``'s up to summation
-order. Two things differ, and only on CPUs (measured in docs/performance.md):
-XLA emits a kernel gradient as a slow convolution over the whole feature map,
-while one matmul of the image patches runs 2 to 10 times faster; and a 1x1
-convolution runs about twice as fast, forward and backward, as the matmul it
-is.
+Values and gradients equal ``lax.conv_general_dilated``'s up to rounding
+(relative differences of about 1e-6). On other platforms they are XLA's own.
+On CPUs (measured in docs/performance.md):
+
+- a 1x1 convolution is the matmul it is, about twice as fast, forward and
+  backward;
+- a 3x3 stride-1 convolution with at least ``WINOGRAD_MIN_FEATURES`` input
+  and output features runs as Winograd's F(2x2, 3x3): 16 batched matmuls
+  with 2.25 times fewer multiplications than the direct convolution. Its
+  input gradient is the same algorithm on the transposed kernel, its kernel
+  gradient the transpose of the batched matmuls;
+- any other convolution's kernel gradient is the transpose of one matmul of
+  image patches (im2col), where XLA emits a slow convolution over the whole
+  feature map.
 """
 
 import functools
@@ -13,9 +21,68 @@ import functools
 import jax
 from jax import lax
 import jax.numpy as jnp
+import numpy as np
 
 # What ``nn.Conv`` passes for NHWC inputs and HWIO kernels.
 NHWC_HWIO = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+
+# Narrower 3x3 convolutions stay XLA's: their batched matmuls are too thin
+# to make up for the transforms (docs/performance.md, per-layer table).
+WINOGRAD_MIN_FEATURES = 64
+
+# Winograd F(2x2, 3x3) (Lavin and Gray, 2016): the kernel transform G, the
+# input transform B^T and the output transform A^T, each applied along
+# height and then width.
+_WINOGRAD_KERNEL_TRANSFORM = np.kron(
+    *[np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]],
+               np.float32)] * 2)  # (16, 9): G (x) G on a flattened 3x3 tap.
+
+
+def _winograd_input_transform(s0, s1, s2, s3):
+  return s0 - s2, s1 + s2, s2 - s1, s1 - s3
+
+
+def _winograd_output_transform(m0, m1, m2, m3):
+  return m0 + m1 + m2, m1 - m2 - m3
+
+
+def _winograd_conv(x, kernel, transposed=False):
+  """A 3x3 stride-1 'SAME' NHWC/HWIO convolution, Winograd F(2x2, 3x3).
+
+  Each 2x2 output tile comes from a 4x4 input tile: the 16 transformed
+  input values of every tile multiply the 16 transformed kernel taps in one
+  batched matmul over (tile, input feature), and the output transform sums
+  them back into the tile. Odd heights and widths are padded by one and
+  cropped. ``transposed`` convolves with the kernel flipped and its features
+  swapped (the input gradient) without copying it.
+  """
+  batch, height, width, in_features = x.shape
+  tile_rows, tile_cols = -(-height // 2), -(-width // 2)
+  x = jnp.pad(x, ((0, 0), (1, 1 + height % 2), (1, 1 + width % 2), (0, 0)))
+  rows = _winograd_input_transform(*[
+      x[:, i:i + 2 * tile_rows:2] for i in range(4)])
+  tiles = jnp.stack([
+      t for row in rows for t in _winograd_input_transform(*[
+          row[:, :, j:j + 2 * tile_cols:2] for j in range(4)])])
+  tiles = tiles.reshape(16, -1, in_features)
+  transform = _WINOGRAD_KERNEL_TRANSFORM[:, ::-1 if transposed else 1]
+  taps = (transform.astype(kernel.dtype) @ kernel.reshape(9, -1)).reshape(
+      16, *kernel.shape[2:])
+  products = lax.dot_general(tiles, taps, (((2,), (2 if transposed else 1,)),
+                                           ((0,), (0,))))
+  products = products.reshape(4, 4, batch, tile_rows, tile_cols, -1)
+  y = jnp.stack([
+      jnp.stack(_winograd_output_transform(*row), axis=3)
+      for row in _winograd_output_transform(*products)], axis=2)
+  return y.reshape(batch, 2 * tile_rows, 2 * tile_cols, -1)[
+      :, :height, :width]
+
+
+def _uses_winograd(kernel_shape, strides, padding):
+  height, width, in_features, out_features = kernel_shape
+  return ((height, width) == (3, 3) and strides == (1, 1) and
+          padding == ((1, 1), (1, 1)) and
+          min(in_features, out_features) >= WINOGRAD_MIN_FEATURES)
 
 
 def _lax_conv(x, kernel, strides, padding, dimension_numbers):
@@ -44,30 +111,48 @@ def _im2col_conv(x, kernel, strides, padding):
   return patches @ kernel.reshape(height * width * in_features, out_features)
 
 
+def _kernel_gradient(conv, x, kernel, dy):
+  return jax.vjp(lambda k: conv(x, k), kernel)[1](dy)[0]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _conv(x, kernel, strides, padding, dimension_numbers):
-  return _lax_conv(x, kernel, strides, padding, dimension_numbers)
+  lax_conv = functools.partial(_lax_conv, strides=strides, padding=padding,
+                               dimension_numbers=dimension_numbers)
+  if not _uses_winograd(kernel.shape, strides, padding):
+    return lax_conv(x, kernel)
+  return lax.platform_dependent(x, kernel, cpu=_winograd_conv,
+                                default=lax_conv)
 
 
 def _conv_forward(x, kernel, strides, padding, dimension_numbers):
-  return _lax_conv(x, kernel, strides, padding, dimension_numbers), (x, kernel)
+  y = _conv(x, kernel, strides, padding, dimension_numbers)
+  return y, (x, kernel)
 
 
 def _conv_backward(strides, padding, dimension_numbers, residuals, dy):
-  """XLA's gradients, except the kernel's through a patch matmul on CPUs."""
+  """XLA's gradients on other platforms; on CPUs, as the module says."""
   x, kernel = residuals
   lax_conv = functools.partial(_lax_conv, strides=strides, padding=padding,
                                dimension_numbers=dimension_numbers)
-  dx = jax.vjp(lambda x: lax_conv(x, kernel), x)[1](dy)[0]
 
-  def kernel_gradient(conv):
-    return lambda x, dy: jax.vjp(lambda k: conv(x, k), kernel)[1](dy)[0]
+  def xla_gradients(x, kernel, dy):
+    return (jax.vjp(lambda x: lax_conv(x, kernel), x)[1](dy)[0],
+            _kernel_gradient(lax_conv, x, kernel, dy))
 
-  dkernel = lax.platform_dependent(
-      x, dy, default=kernel_gradient(lax_conv),
-      cpu=kernel_gradient(functools.partial(
-          _im2col_conv, strides=strides, padding=padding)))
-  return dx, dkernel
+  def cpu_gradients(x, kernel, dy):
+    if _uses_winograd(kernel.shape, strides, padding):
+      # A stride-1 'SAME' 3x3 convolution's input gradient is the same
+      # convolution of dy with the kernel flipped and its features swapped.
+      return (_winograd_conv(dy, kernel, transposed=True),
+              _kernel_gradient(_winograd_conv, x, kernel, dy))
+    im2col_conv = functools.partial(_im2col_conv, strides=strides,
+                                    padding=padding)
+    return (jax.vjp(lambda x: lax_conv(x, kernel), x)[1](dy)[0],
+            _kernel_gradient(im2col_conv, x, kernel, dy))
+
+  return lax.platform_dependent(x, kernel, dy, cpu=cpu_gradients,
+                                default=xla_gradients)
 
 
 _conv.defvjp(_conv_forward, _conv_backward)
@@ -82,9 +167,9 @@ def conv_general_dilated(x, kernel, strides, padding, lhs_dilation,
                          precision):
   """``lax.conv_general_dilated`` for ``nn.Conv``, faster on CPUs.
 
-  The same values and gradients (up to summation order); supports what
-  ``ConvBN`` uses: NHWC inputs, HWIO kernels, no dilation, one feature
-  group, default precision.
+  The same values and gradients (up to rounding); supports what ``ConvBN``
+  uses: NHWC inputs, HWIO kernels, no dilation, one feature group, default
+  precision.
   """
   if (dimension_numbers != NHWC_HWIO or
       set(lhs_dilation) | set(rhs_dilation) != {1} or

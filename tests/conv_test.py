@@ -1,4 +1,4 @@
-"""The CPU matmul convolutions equal XLA's, values and gradients."""
+"""The CPU convolutions equal XLA's, values and gradients."""
 
 import jax
 from jax import lax
@@ -7,34 +7,101 @@ import numpy as np
 import pytest
 
 from darknet53_jax import conv
+from darknet53_jax import model as model_lib
 
 
 def _relative_difference(a, b):
   return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
 
 
-@pytest.mark.parametrize('size, strides', [(1, 1), (3, 1), (3, 2)])
-def test_values_and_gradients_equal_xla(size, strides):
-  rng = np.random.default_rng(size + strides)
-  x = jnp.asarray(rng.normal(size=(4, 12, 12, 6)), jnp.float32)
-  kernel = jnp.asarray(rng.normal(size=(size, size, 6, 5)), jnp.float32)
+def _normal(rng, *shape):
+  return jnp.asarray(rng.normal(size=shape), jnp.float32)
+
+
+# (kernel size, stride, side, features): the 1x1 matmul, the im2col kernel
+# gradient (3x3 at either stride, narrow) and Winograd (3x3 stride 1, at
+# least WINOGRAD_MIN_FEATURES wide; odd and even sides).
+CASES = [(1, 1, 12, 6), (3, 1, 12, 6), (3, 2, 12, 6),
+         (3, 1, 4, conv.WINOGRAD_MIN_FEATURES),
+         (3, 1, 5, conv.WINOGRAD_MIN_FEATURES)]
+
+
+@pytest.mark.parametrize('size, strides, side, features', CASES)
+def test_values_and_gradients_equal_xla(size, strides, side, features):
+  rng = np.random.default_rng(size + strides + side)
+  x = _normal(rng, 3, side, side, features)
+  kernel = _normal(rng, size, size, features, features + 1)
   pad = size // 2
 
-  def loss(fn, x, kernel):
-    y = fn(x, kernel, (strides, strides), ((pad, pad), (pad, pad)), (1, 1),
-           (1, 1), conv.NHWC_HWIO, 1, precision=None)
-    return jnp.sum(jnp.sin(y)), y  # A non-constant output gradient.
+  def value_and_gradients(conv_fn):
+    y, vjp = jax.vjp(
+        lambda x, kernel: conv_fn(x, kernel, (strides, strides),
+                                  ((pad, pad), (pad, pad)), (1, 1), (1, 1),
+                                  conv.NHWC_HWIO, 1, precision=None),
+        x, kernel)
+    dy = _normal(np.random.default_rng(0), *y.shape)
+    return (y, *vjp(dy))
 
-  ours = jax.jit(jax.grad(lambda *a: loss(conv.conv_general_dilated, *a),
-                          argnums=(0, 1), has_aux=True))(x, kernel)
-  xla = jax.jit(jax.grad(lambda *a: loss(lax.conv_general_dilated, *a),
-                         argnums=(0, 1), has_aux=True))(x, kernel)
-  (dx, dkernel), y = ours
-  (dx_xla, dkernel_xla), y_xla = xla
-  assert y.shape == y_xla.shape
-  assert _relative_difference(y, y_xla) < 1e-6
-  assert _relative_difference(dx, dx_xla) < 1e-5
-  assert _relative_difference(dkernel, dkernel_xla) < 1e-5
+  ours = jax.jit(lambda: value_and_gradients(conv.conv_general_dilated))()
+  xla = jax.jit(lambda: value_and_gradients(lax.conv_general_dilated))()
+  for name, a, b in zip(('output', 'input gradient', 'kernel gradient'),
+                        ours, xla):
+    assert a.shape == b.shape, name
+    assert _relative_difference(a, b) < 5e-6, name
+
+
+@pytest.mark.parametrize('side', [4, 7])
+def test_winograd_and_its_transpose_equal_xla(side):
+  rng = np.random.default_rng(side)
+  x = _normal(rng, 2, side, side, 8)
+  kernel = _normal(rng, 3, 3, 8, 5)
+  xla = lambda x, k: lax.conv_general_dilated(
+      x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=conv.NHWC_HWIO)
+  assert _relative_difference(conv._winograd_conv(x, kernel),
+                              xla(x, kernel)) < 1e-6
+  dy = _normal(rng, 2, side, side, 5)
+  flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+  assert _relative_difference(
+      conv._winograd_conv(dy, kernel, transposed=True),
+      xla(dy, flipped)) < 1e-6
+
+
+def test_winograd_is_used_for_wide_3x3_stride_1_only():
+  wide = conv.WINOGRAD_MIN_FEATURES
+  same = ((1, 1), (1, 1))
+  assert conv._uses_winograd((3, 3, wide, wide), (1, 1), same)
+  assert not conv._uses_winograd((3, 3, wide - 1, wide), (1, 1), same)
+  assert not conv._uses_winograd((3, 3, wide, wide), (2, 2), same)
+  assert not conv._uses_winograd((1, 1, wide, wide), (1, 1), ((0, 0),) * 2)
+
+
+def test_darknet53_logits_and_gradients_equal_xla_convolutions():
+  """The whole network, with Winograd in its wider stages, in train mode.
+
+  At least 2x2 pixels in the last stage and 4 images: BatchNorm over 2
+  values per channel would amplify any rounding difference to 1e-3.
+  """
+  images = _normal(np.random.default_rng(1), 4, 64, 64, 3)
+
+  def logits_and_gradients(cpu_matmul_convs):
+    model = model_lib.Darknet53(num_classes=10, width_multiplier=0.5,
+                                stage_depths=(1, 1, 1, 1, 1),
+                                cpu_matmul_convs=cpu_matmul_convs)
+    variables = model.init(jax.random.key(0), images)
+
+    def loss(params):
+      logits, _ = model.apply({**variables, 'params': params}, images,
+                              train=True, mutable=['batch_stats'])
+      return jnp.sum(jnp.sin(logits)), logits
+
+    return jax.jit(jax.grad(loss, has_aux=True))(variables['params'])
+
+  grads, logits = logits_and_gradients(True)
+  grads_xla, logits_xla = logits_and_gradients(False)
+  assert _relative_difference(logits, logits_xla) < 1e-5
+  leaves, _ = jax.tree_util.tree_flatten_with_path(grads)
+  for (path, g), g_xla in zip(leaves, jax.tree.leaves(grads_xla)):
+    assert _relative_difference(g, g_xla) < 2e-5, jax.tree_util.keystr(path)
 
 
 def test_unsupported_convolutions_are_refused():
