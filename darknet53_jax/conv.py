@@ -46,6 +46,27 @@ def _winograd_output_transform(m0, m1, m2, m3):
   return m0 + m1 + m2, m1 - m2 - m3
 
 
+def _winograd_output_transform_transposed(y0, y1):
+  return y0, y0 + y1, y0 - y1, -y1
+
+
+def _winograd_tiles(x):
+  """The input transform: [16, tiles, features] from NHWC ``x``.
+
+  Tile (r, c) is the 4x4 window at (2r - 1, 2c - 1) of ``x`` padded by one
+  (and by one more at the bottom and right where a side is odd).
+  """
+  _, height, width, features = x.shape
+  tile_rows, tile_cols = -(-height // 2), -(-width // 2)
+  x = jnp.pad(x, ((0, 0), (1, 1 + height % 2), (1, 1 + width % 2), (0, 0)))
+  rows = _winograd_input_transform(*[
+      x[:, i:i + 2 * tile_rows:2] for i in range(4)])
+  tiles = jnp.stack([
+      t for row in rows for t in _winograd_input_transform(*[
+          row[:, :, j:j + 2 * tile_cols:2] for j in range(4)])])
+  return tiles.reshape(16, -1, features)
+
+
 def _winograd_conv(x, kernel, transposed=False):
   """A 3x3 stride-1 'SAME' NHWC/HWIO convolution, Winograd F(2x2, 3x3).
 
@@ -56,26 +77,40 @@ def _winograd_conv(x, kernel, transposed=False):
   cropped. ``transposed`` convolves with the kernel flipped and its features
   swapped (the input gradient) without copying it.
   """
-  batch, height, width, in_features = x.shape
+  batch, height, width, _ = x.shape
   tile_rows, tile_cols = -(-height // 2), -(-width // 2)
-  x = jnp.pad(x, ((0, 0), (1, 1 + height % 2), (1, 1 + width % 2), (0, 0)))
-  rows = _winograd_input_transform(*[
-      x[:, i:i + 2 * tile_rows:2] for i in range(4)])
-  tiles = jnp.stack([
-      t for row in rows for t in _winograd_input_transform(*[
-          row[:, :, j:j + 2 * tile_cols:2] for j in range(4)])])
-  tiles = tiles.reshape(16, -1, in_features)
   transform = _WINOGRAD_KERNEL_TRANSFORM[:, ::-1 if transposed else 1]
   taps = (transform.astype(kernel.dtype) @ kernel.reshape(9, -1)).reshape(
       16, *kernel.shape[2:])
-  products = lax.dot_general(tiles, taps, (((2,), (2 if transposed else 1,)),
-                                           ((0,), (0,))))
+  products = lax.dot_general(_winograd_tiles(x), taps,
+                             (((2,), (2 if transposed else 1,)),
+                              ((0,), (0,))))
   products = products.reshape(4, 4, batch, tile_rows, tile_cols, -1)
   y = jnp.stack([
       jnp.stack(_winograd_output_transform(*row), axis=3)
       for row in _winograd_output_transform(*products)], axis=2)
   return y.reshape(batch, 2 * tile_rows, 2 * tile_cols, -1)[
       :, :height, :width]
+
+
+def _winograd_kernel_gradient(x, dy):
+  """The kernel gradient of ``_winograd_conv(x, kernel)`` for output grad dy.
+
+  The transposed output transform of ``dy``'s 2x2 tiles, one batched matmul
+  with the input tiles over (tile), and the transposed kernel transform.
+  """
+  batch, height, width, out_features = dy.shape
+  dy = jnp.pad(dy, ((0, 0), (0, height % 2), (0, width % 2), (0, 0)))
+  dy = dy.reshape(batch, -(-height // 2), 2, -(-width // 2), 2, out_features)
+  tile_grads = jnp.stack([
+      g for row in _winograd_output_transform_transposed(
+          dy[:, :, 0], dy[:, :, 1])
+      for g in _winograd_output_transform_transposed(
+          row[:, :, :, 0], row[:, :, :, 1])]).reshape(16, -1, out_features)
+  tap_grads = lax.dot_general(_winograd_tiles(x), tile_grads,
+                              (((1,), (1,)), ((0,), (0,))))
+  return (_WINOGRAD_KERNEL_TRANSFORM.T.astype(dy.dtype) @
+          tap_grads.reshape(16, -1)).reshape(3, 3, x.shape[3], out_features)
 
 
 def _uses_winograd(kernel_shape, strides, padding):
@@ -145,7 +180,7 @@ def _conv_backward(strides, padding, dimension_numbers, residuals, dy):
       # A stride-1 'SAME' 3x3 convolution's input gradient is the same
       # convolution of dy with the kernel flipped and its features swapped.
       return (_winograd_conv(dy, kernel, transposed=True),
-              _kernel_gradient(_winograd_conv, x, kernel, dy))
+              _winograd_kernel_gradient(x, dy))
     im2col_conv = functools.partial(_im2col_conv, strides=strides,
                                     padding=padding)
     return (jax.vjp(lambda x: lax_conv(x, kernel), x)[1](dy)[0],

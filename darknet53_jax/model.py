@@ -77,8 +77,9 @@ class Darknet53(nn.Module):
     bn_epsilon: BatchNorm epsilon.
     bn_axis_name: mesh axis to synchronise BatchNorm batch statistics over
       in training (``None``: per-device statistics).
-    cpu_matmul_convs: on CPUs, compute 1x1 convolutions and every conv
-      kernel gradient as matmuls (faster; see ``conv``). XLA:CPU splits
+    cpu_matmul_convs: on CPUs, compute 1x1 convolutions as matmuls, the
+      wider 3x3 stride-1 ones with Winograd's algorithm and the other conv
+      kernel gradients as patch matmuls (faster; see ``conv``). XLA:CPU splits
       matmuls by the number of devices in the process, so their rounding
       differs between, say, 2 and 4 local devices; ``False`` keeps XLA's
       convolutions, whose results do not depend on it.
