@@ -38,6 +38,12 @@ if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from darknet53_jax import huge_pages
+
+if __name__ == '__main__':
+  # Before the slow imports below; the workers inherit it.
+  huge_pages.restart_with_huge_pages()
+
 import jax
 import jax.numpy as jnp
 import ml_collections

@@ -4,8 +4,15 @@ r"""Trains or evaluates Darknet-53.
       [--config.KEY=VALUE ...] [--eval_only] [--checkpoint=PATH]
 """
 
-import logging as logging_std
 import sys
+
+from darknet53_jax import huge_pages
+
+if __name__ == '__main__':
+  huge_pages.restart_with_huge_pages()  # Before the slow imports below.
+
+# pylint: disable=g-import-not-at-top,wrong-import-position,g-bad-import-order
+import logging as logging_std
 
 from absl import app
 from absl import flags
@@ -20,6 +27,7 @@ from darknet53_jax import distributed
 from darknet53_jax import input_pipeline
 from darknet53_jax import preemption
 from darknet53_jax import trainer
+# pylint: enable=g-import-not-at-top,wrong-import-position,g-bad-import-order
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
