@@ -67,6 +67,15 @@ def _winograd_tiles(x):
   return tiles.reshape(16, -1, features)
 
 
+def _winograd_products(tiles, kernel, transposed=False):
+  """Transformed input tiles times the transformed kernel taps, per tap."""
+  transform = _WINOGRAD_KERNEL_TRANSFORM[:, ::-1 if transposed else 1]
+  taps = (transform.astype(kernel.dtype) @ kernel.reshape(9, -1)).reshape(
+      16, *kernel.shape[2:])
+  return lax.dot_general(tiles, taps, (((2,), (2 if transposed else 1,)),
+                                       ((0,), (0,))))
+
+
 def _winograd_conv(x, kernel, transposed=False):
   """A 3x3 stride-1 'SAME' NHWC/HWIO convolution, Winograd F(2x2, 3x3).
 
@@ -79,12 +88,7 @@ def _winograd_conv(x, kernel, transposed=False):
   """
   batch, height, width, _ = x.shape
   tile_rows, tile_cols = -(-height // 2), -(-width // 2)
-  transform = _WINOGRAD_KERNEL_TRANSFORM[:, ::-1 if transposed else 1]
-  taps = (transform.astype(kernel.dtype) @ kernel.reshape(9, -1)).reshape(
-      16, *kernel.shape[2:])
-  products = lax.dot_general(_winograd_tiles(x), taps,
-                             (((2,), (2 if transposed else 1,)),
-                              ((0,), (0,))))
+  products = _winograd_products(_winograd_tiles(x), kernel, transposed)
   products = products.reshape(4, 4, batch, tile_rows, tile_cols, -1)
   y = jnp.stack([
       jnp.stack(_winograd_output_transform(*row), axis=3)
@@ -93,11 +97,17 @@ def _winograd_conv(x, kernel, transposed=False):
       :, :height, :width]
 
 
-def _winograd_kernel_gradient(x, dy):
+def _kernel_gradient(conv, x, kernel, dy):
+  return jax.vjp(lambda k: conv(x, k), kernel)[1](dy)[0]
+
+
+def _winograd_kernel_gradient(x, kernel, dy):
   """The kernel gradient of ``_winograd_conv(x, kernel)`` for output grad dy.
 
-  The transposed output transform of ``dy``'s 2x2 tiles, one batched matmul
-  with the input tiles over (tile), and the transposed kernel transform.
+  The transposed output transform of ``dy``'s 2x2 tiles, written out, then
+  the transpose of ``_winograd_products`` in the kernel (one batched matmul
+  with the input tiles, the transposed kernel transform). Differentiating
+  ``_winograd_conv`` instead would transpose its output transform into pads.
   """
   batch, height, width, out_features = dy.shape
   dy = jnp.pad(dy, ((0, 0), (0, height % 2), (0, width % 2), (0, 0)))
@@ -107,10 +117,8 @@ def _winograd_kernel_gradient(x, dy):
           dy[:, :, 0], dy[:, :, 1])
       for g in _winograd_output_transform_transposed(
           row[:, :, :, 0], row[:, :, :, 1])]).reshape(16, -1, out_features)
-  tap_grads = lax.dot_general(_winograd_tiles(x), tile_grads,
-                              (((1,), (1,)), ((0,), (0,))))
-  return (_WINOGRAD_KERNEL_TRANSFORM.T.astype(dy.dtype) @
-          tap_grads.reshape(16, -1)).reshape(3, 3, x.shape[3], out_features)
+  tiles = _winograd_tiles(x)
+  return _kernel_gradient(_winograd_products, tiles, kernel, tile_grads)
 
 
 def _uses_winograd(kernel_shape, strides, padding):
@@ -146,10 +154,6 @@ def _im2col_conv(x, kernel, strides, padding):
   return patches @ kernel.reshape(height * width * in_features, out_features)
 
 
-def _kernel_gradient(conv, x, kernel, dy):
-  return jax.vjp(lambda k: conv(x, k), kernel)[1](dy)[0]
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _conv(x, kernel, strides, padding, dimension_numbers):
   lax_conv = functools.partial(_lax_conv, strides=strides, padding=padding,
@@ -180,7 +184,7 @@ def _conv_backward(strides, padding, dimension_numbers, residuals, dy):
       # A stride-1 'SAME' 3x3 convolution's input gradient is the same
       # convolution of dy with the kernel flipped and its features swapped.
       return (_winograd_conv(dy, kernel, transposed=True),
-              _winograd_kernel_gradient(x, dy))
+              _winograd_kernel_gradient(x, kernel, dy))
     im2col_conv = functools.partial(_im2col_conv, strides=strides,
                                     padding=padding)
     return (jax.vjp(lambda x: lax_conv(x, kernel), x)[1](dy)[0],

@@ -2,6 +2,8 @@
 
 import jax
 from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -47,6 +49,37 @@ def test_values_and_gradients_equal_xla(size, strides, side, features):
   for name, a, b in zip(('output', 'input gradient', 'kernel gradient'),
                         ours, xla):
     assert a.shape == b.shape, name
+    assert _relative_difference(a, b) < 5e-6, name
+
+
+@pytest.mark.parametrize('size, strides, side, features', CASES)
+def test_gradients_of_a_replicated_kernel_under_shard_map(size, strides, side,
+                                                           features):
+  """As in the train step: the batch is split over devices, the kernel not."""
+  rng = np.random.default_rng(size + strides + side)
+  x = _normal(rng, jax.device_count() * 2, side, side, features)
+  kernel = _normal(rng, size, size, features, features + 1)
+  pad = size // 2
+  dy = _normal(rng, x.shape[0], -(-side // strides), -(-side // strides),
+               features + 1)
+  mesh = jax.make_mesh((jax.device_count(),), ('data',))
+  specs = (P('data'), P(), P('data'))
+
+  def gradients(conv_fn):
+    def local(x, kernel, dy):
+      def loss(x, kernel):
+        y = conv_fn(x, kernel, (strides, strides), ((pad, pad), (pad, pad)),
+                    (1, 1), (1, 1), conv.NHWC_HWIO, 1, precision=None)
+        return lax.pmean(jnp.sum(y * dy), 'data')
+      return jax.grad(loss, argnums=(0, 1))(x, kernel)
+    sharded = [jax.device_put(a, NamedSharding(mesh, spec))
+               for a, spec in zip((x, kernel, dy), specs)]
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=specs,
+                                 out_specs=specs[:2]))(*sharded)
+
+  for name, a, b in zip(('input gradient', 'kernel gradient'),
+                        gradients(conv.conv_general_dilated),
+                        gradients(lax.conv_general_dilated)):
     assert _relative_difference(a, b) < 5e-6, name
 
 
