@@ -27,7 +27,7 @@ import numpy as np
 NHWC_HWIO = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
 
 # Narrower 3x3 convolutions stay XLA's: their batched matmuls are too thin
-# to make up for the transforms (docs/performance.md, per-layer table).
+# to make up for the transforms (docs/performance.md, Winograd section).
 WINOGRAD_MIN_FEATURES = 64
 
 # Winograd F(2x2, 3x3) (Lavin and Gray, 2016): the kernel transform G, the
