@@ -6,11 +6,12 @@ On CPUs (measured in docs/performance.md):
 
 - a 1x1 convolution is the matmul it is, about twice as fast, forward and
   backward;
-- a 3x3 stride-1 convolution with at least ``WINOGRAD_MIN_FEATURES`` input
-  and output features runs as Winograd's F(2x2, 3x3): 16 batched matmuls
-  with 2.25 times fewer multiplications than the direct convolution. Its
-  input gradient is the same algorithm on the transposed kernel, its kernel
-  gradient the transpose of the batched matmuls;
+- a float32 3x3 stride-1 convolution with at least
+  ``WINOGRAD_MIN_FEATURES`` input and output features runs as Winograd's
+  F(2x2, 3x3): 16 batched matmuls with 2.25 times fewer multiplications
+  than the direct convolution. Its input gradient is the same algorithm on
+  the transposed kernel, its kernel gradient the transpose of the batched
+  matmuls;
 - any other convolution's kernel gradient is the transpose of one matmul of
   image patches (im2col), where XLA emits a slow convolution over the whole
   feature map.
@@ -121,9 +122,11 @@ def _winograd_kernel_gradient(x, kernel, dy):
   return _kernel_gradient(_winograd_products, tiles, kernel, tile_grads)
 
 
-def _uses_winograd(kernel_shape, strides, padding):
-  height, width, in_features, out_features = kernel_shape
-  return ((height, width) == (3, 3) and strides == (1, 1) and
+def _uses_winograd(x, kernel, strides, padding):
+  """Float32 only: in 16 bits its transforms' sums would round each time."""
+  height, width, in_features, out_features = kernel.shape
+  return (x.dtype == kernel.dtype == jnp.float32 and
+          (height, width) == (3, 3) and strides == (1, 1) and
           padding == ((1, 1), (1, 1)) and
           min(in_features, out_features) >= WINOGRAD_MIN_FEATURES)
 
@@ -158,7 +161,7 @@ def _im2col_conv(x, kernel, strides, padding):
 def _conv(x, kernel, strides, padding, dimension_numbers):
   lax_conv = functools.partial(_lax_conv, strides=strides, padding=padding,
                                dimension_numbers=dimension_numbers)
-  if not _uses_winograd(kernel.shape, strides, padding):
+  if not _uses_winograd(x, kernel, strides, padding):
     return lax_conv(x, kernel)
   return lax.platform_dependent(x, kernel, cpu=_winograd_conv,
                                 default=lax_conv)
@@ -180,7 +183,7 @@ def _conv_backward(strides, padding, dimension_numbers, residuals, dy):
             _kernel_gradient(lax_conv, x, kernel, dy))
 
   def cpu_gradients(x, kernel, dy):
-    if _uses_winograd(kernel.shape, strides, padding):
+    if _uses_winograd(x, kernel, strides, padding):
       # A stride-1 'SAME' 3x3 convolution's input gradient is the same
       # convolution of dy with the kernel flipped and its features swapped.
       return (_winograd_conv(dy, kernel, transposed=True),

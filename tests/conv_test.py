@@ -99,13 +99,17 @@ def test_winograd_and_its_transpose_equal_xla(side):
       xla(dy, flipped)) < 1e-6
 
 
-def test_winograd_is_used_for_wide_3x3_stride_1_only():
+def test_winograd_is_used_for_wide_float32_3x3_stride_1_only():
   wide = conv.WINOGRAD_MIN_FEATURES
   same = ((1, 1), (1, 1))
-  assert conv._uses_winograd((3, 3, wide, wide), (1, 1), same)
-  assert not conv._uses_winograd((3, 3, wide - 1, wide), (1, 1), same)
-  assert not conv._uses_winograd((3, 3, wide, wide), (2, 2), same)
-  assert not conv._uses_winograd((1, 1, wide, wide), (1, 1), ((0, 0),) * 2)
+  x = jnp.zeros((1, 4, 4, wide))
+  uses = lambda x, shape, strides=(1, 1), padding=same: conv._uses_winograd(
+      x, jnp.zeros(shape, x.dtype), strides, padding)
+  assert uses(x, (3, 3, wide, wide))
+  assert not uses(x.astype(jnp.bfloat16), (3, 3, wide, wide))
+  assert not uses(x[..., 1:], (3, 3, wide - 1, wide))
+  assert not uses(x, (3, 3, wide, wide), strides=(2, 2))
+  assert not uses(x, (1, 1, wide, wide), padding=((0, 0),) * 2)
 
 
 def test_darknet53_logits_and_gradients_equal_xla_convolutions():
