@@ -17,10 +17,11 @@ image folder, then measures, pinned to ``--cores`` CPUs:
   timm's (288 bicubic, crop 256).
 
 Rates are images per CPU-second of the process (images/s per core), and
-images per wall-clock second (to compare across ``--cores``), each the median of ``--repeats`` runs of ``--seconds`` of CPU time, each run
-on a freshly built pipeline that is closed after it; the runs of the
-different pipelines alternate so that other processes' load affects them
-alike. Prints a Markdown table.
+images per wall-clock second (to compare across ``--cores``), each the
+median of ``--repeats`` runs of ``--seconds`` of CPU time, each run on a
+freshly built pipeline that is closed after it; the runs of the different
+pipelines alternate so that other processes' load affects them alike.
+Prints a Markdown table.
 """
 
 import gc

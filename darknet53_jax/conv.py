@@ -31,9 +31,9 @@ NHWC_HWIO = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
 # to make up for the transforms (docs/performance.md, Winograd section).
 WINOGRAD_MIN_FEATURES = 64
 
-# Winograd F(2x2, 3x3) (Lavin and Gray, 2016): the kernel transform G, the
-# input transform B^T and the output transform A^T, each applied along
-# height and then width.
+# Winograd F(2x2, 3x3) (Lavin and Gray, 2016). Its kernel transform G, as
+# one matrix on a flattened 3x3 kernel; the input transform B^T and output
+# transform A^T are the functions below, applied along height, then width.
 _WINOGRAD_KERNEL_TRANSFORM = np.kron(
     *[np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]],
                np.float32)] * 2)  # (16, 9): G (x) G on a flattened 3x3 tap.
@@ -51,6 +51,10 @@ def _winograd_output_transform_transposed(y0, y1):
   return y0, y0 + y1, y0 - y1, -y1
 
 
+def _tile_counts(height, width):
+  return -(-height // 2), -(-width // 2)
+
+
 def _winograd_tiles(x):
   """The input transform: [16, tiles, features] from NHWC ``x``.
 
@@ -58,7 +62,7 @@ def _winograd_tiles(x):
   (and by one more at the bottom and right where a side is odd).
   """
   _, height, width, features = x.shape
-  tile_rows, tile_cols = -(-height // 2), -(-width // 2)
+  tile_rows, tile_cols = _tile_counts(height, width)
   x = jnp.pad(x, ((0, 0), (1, 1 + height % 2), (1, 1 + width % 2), (0, 0)))
   rows = _winograd_input_transform(*[
       x[:, i:i + 2 * tile_rows:2] for i in range(4)])
@@ -88,7 +92,7 @@ def _winograd_conv(x, kernel, transposed=False):
   swapped (the input gradient) without copying it.
   """
   batch, height, width, _ = x.shape
-  tile_rows, tile_cols = -(-height // 2), -(-width // 2)
+  tile_rows, tile_cols = _tile_counts(height, width)
   products = _winograd_products(_winograd_tiles(x), kernel, transposed)
   products = products.reshape(4, 4, batch, tile_rows, tile_cols, -1)
   y = jnp.stack([
@@ -96,6 +100,10 @@ def _winograd_conv(x, kernel, transposed=False):
       for row in _winograd_output_transform(*products)], axis=2)
   return y.reshape(batch, 2 * tile_rows, 2 * tile_cols, -1)[
       :, :height, :width]
+
+
+def _input_gradient(conv, x, kernel, dy):
+  return jax.vjp(lambda x: conv(x, kernel), x)[1](dy)[0]
 
 
 def _kernel_gradient(conv, x, kernel, dy):
@@ -109,10 +117,13 @@ def _winograd_kernel_gradient(x, kernel, dy):
   the transpose of ``_winograd_products`` in the kernel (one batched matmul
   with the input tiles, the transposed kernel transform). Differentiating
   ``_winograd_conv`` instead would transpose its output transform into pads.
+  The input tiles are recomputed from ``x`` (a few additions) rather than
+  kept from the forward pass, which would hold 4x the input per layer.
   """
   batch, height, width, out_features = dy.shape
+  tile_rows, tile_cols = _tile_counts(height, width)
   dy = jnp.pad(dy, ((0, 0), (0, height % 2), (0, width % 2), (0, 0)))
-  dy = dy.reshape(batch, -(-height // 2), 2, -(-width // 2), 2, out_features)
+  dy = dy.reshape(batch, tile_rows, 2, tile_cols, 2, out_features)
   tile_grads = jnp.stack([
       g for row in _winograd_output_transform_transposed(
           dy[:, :, 0], dy[:, :, 1])
@@ -179,7 +190,7 @@ def _conv_backward(strides, padding, dimension_numbers, residuals, dy):
                                dimension_numbers=dimension_numbers)
 
   def xla_gradients(x, kernel, dy):
-    return (jax.vjp(lambda x: lax_conv(x, kernel), x)[1](dy)[0],
+    return (_input_gradient(lax_conv, x, kernel, dy),
             _kernel_gradient(lax_conv, x, kernel, dy))
 
   def cpu_gradients(x, kernel, dy):
@@ -190,7 +201,7 @@ def _conv_backward(strides, padding, dimension_numbers, residuals, dy):
               _winograd_kernel_gradient(x, kernel, dy))
     im2col_conv = functools.partial(_im2col_conv, strides=strides,
                                     padding=padding)
-    return (jax.vjp(lambda x: lax_conv(x, kernel), x)[1](dy)[0],
+    return (_input_gradient(lax_conv, x, kernel, dy),
             _kernel_gradient(im2col_conv, x, kernel, dy))
 
   return lax.platform_dependent(x, kernel, dy, cpu=cpu_gradients,

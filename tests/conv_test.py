@@ -20,6 +20,13 @@ def _normal(rng, *shape):
   return jnp.asarray(rng.normal(size=shape), jnp.float32)
 
 
+def _apply(conv_fn, x, kernel, strides):
+  """``conv_fn`` as ``nn.Conv`` calls it, 'SAME'-padded by size // 2."""
+  pad = kernel.shape[0] // 2
+  return conv_fn(x, kernel, (strides, strides), ((pad, pad), (pad, pad)),
+                 (1, 1), (1, 1), conv.NHWC_HWIO, 1, precision=None)
+
+
 # (kernel size, stride, side, features): the 1x1 matmul, the im2col kernel
 # gradient (3x3 at either stride, narrow) and Winograd (3x3 stride 1, at
 # least WINOGRAD_MIN_FEATURES wide; odd and even sides).
@@ -33,13 +40,10 @@ def test_values_and_gradients_equal_xla(size, strides, side, features):
   rng = np.random.default_rng(size + strides + side)
   x = _normal(rng, 3, side, side, features)
   kernel = _normal(rng, size, size, features, features + 1)
-  pad = size // 2
 
   def value_and_gradients(conv_fn):
     y, vjp = jax.vjp(
-        lambda x, kernel: conv_fn(x, kernel, (strides, strides),
-                                  ((pad, pad), (pad, pad)), (1, 1), (1, 1),
-                                  conv.NHWC_HWIO, 1, precision=None),
+        lambda x, kernel: _apply(conv_fn, x, kernel, strides),
         x, kernel)
     dy = _normal(np.random.default_rng(0), *y.shape)
     return (y, *vjp(dy))
@@ -59,7 +63,6 @@ def test_gradients_of_a_replicated_kernel_under_shard_map(size, strides, side,
   rng = np.random.default_rng(size + strides + side)
   x = _normal(rng, jax.device_count() * 2, side, side, features)
   kernel = _normal(rng, size, size, features, features + 1)
-  pad = size // 2
   dy = _normal(rng, x.shape[0], -(-side // strides), -(-side // strides),
                features + 1)
   mesh = jax.make_mesh((jax.device_count(),), ('data',))
@@ -68,8 +71,7 @@ def test_gradients_of_a_replicated_kernel_under_shard_map(size, strides, side,
   def gradients(conv_fn):
     def local(x, kernel, dy):
       def loss(x, kernel):
-        y = conv_fn(x, kernel, (strides, strides), ((pad, pad), (pad, pad)),
-                    (1, 1), (1, 1), conv.NHWC_HWIO, 1, precision=None)
+        y = _apply(conv_fn, x, kernel, strides)
         return lax.pmean(jnp.sum(y * dy), 'data')
       return jax.grad(loss, argnums=(0, 1))(x, kernel)
     sharded = [jax.device_put(a, NamedSharding(mesh, spec))
