@@ -38,11 +38,11 @@ if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from darknet53_jax import huge_pages
+from darknet53_jax import allocator
 
 if __name__ == '__main__':
-  # Before the slow imports below; the workers inherit it.
-  huge_pages.restart_with_huge_pages()
+  # Before the slow imports below. Both workers inherit the allocator.
+  allocator.restart_with_fast_allocator()
 
 import jax
 import jax.numpy as jnp

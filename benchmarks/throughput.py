@@ -28,10 +28,10 @@ if REPO not in sys.path:
   sys.path.insert(0, REPO)  # For `from configs import ...` and the package.
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from darknet53_jax import huge_pages
+from darknet53_jax import allocator
 
 if __name__ == '__main__':
-  huge_pages.restart_with_huge_pages()  # Before the slow imports below.
+  allocator.restart_with_fast_allocator()  # Before the slow imports below.
 
 from absl import app
 from absl import flags

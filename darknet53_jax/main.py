@@ -6,10 +6,10 @@ r"""Trains or evaluates Darknet-53.
 
 import sys
 
-from darknet53_jax import huge_pages
+from darknet53_jax import allocator
 
 if __name__ == '__main__':
-  huge_pages.restart_with_huge_pages()  # Before the slow imports below.
+  allocator.restart_with_fast_allocator()  # Before the slow imports below.
 
 # pylint: disable=g-import-not-at-top,wrong-import-position,g-bad-import-order
 import logging as logging_std

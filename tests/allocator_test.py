@@ -1,0 +1,67 @@
+"""The allocator restart: its environment, and one real re-exec."""
+
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from darknet53_jax import allocator
+
+
+def test_mimalloc_is_preloaded_before_the_users_libraries():
+  environ = allocator.allocator_environment(
+      {'LD_PRELOAD': '/x/libuser.so'}, '/lib/libmimalloc.so')
+  assert environ == {'LD_PRELOAD': '/lib/libmimalloc.so:/x/libuser.so',
+                     'MIMALLOC_PURGE_DELAY': '-1',
+                     'DARKNET53_ALLOCATOR': 'mimalloc'}
+
+
+def test_a_users_mimalloc_setting_is_kept():
+  environ = allocator.allocator_environment(
+      {'MIMALLOC_PURGE_DELAY': '100'}, '/lib/libmimalloc.so')
+  assert environ['MIMALLOC_PURGE_DELAY'] == '100'
+
+
+def test_without_mimalloc_huge_pages_join_the_users_tunables():
+  assert allocator.allocator_environment({'A': '1'}, None) == {
+      'A': '1', 'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1',
+      'DARKNET53_ALLOCATOR': 'huge_pages'}
+  assert allocator.allocator_environment(
+      {'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'},
+      None)['GLIBC_TUNABLES'] == (
+          'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1')
+
+
+@pytest.mark.parametrize('choice', ['mimalloc', 'huge_pages', 'system'])
+def test_no_restart_once_the_choice_is_made(choice):
+  assert allocator.allocator_environment(
+      {'DARKNET53_ALLOCATOR': choice}, '/lib/libmimalloc.so') is None
+
+
+def test_the_pinned_mimalloc_wheel_is_found():
+  library = allocator.mimalloc_library()
+  assert library is not None and os.path.basename(library) == (
+      'libmimalloc.so')
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='glibc only')
+def test_restarts_once_in_the_same_process_with_mimalloc_loaded():
+  script = ('import os, sys\n'
+            'print("pid", os.getpid(), file=sys.stderr)\n'
+            'from darknet53_jax import allocator\n'
+            'allocator.restart_with_fast_allocator()\n'
+            'maps = open("/proc/self/maps").read()\n'
+            'print(os.getpid(), os.environ["DARKNET53_ALLOCATOR"],\n'
+            '      "libmimalloc" in maps)\n')
+  environ = {k: v for k, v in os.environ.items()
+             if k not in ('DARKNET53_ALLOCATOR', 'LD_PRELOAD')}
+  environ['PYTHONPATH'] = os.path.dirname(os.path.dirname(__file__))
+  result = subprocess.run([sys.executable, '-c', script], env=environ,
+                          capture_output=True, text=True, check=True)
+  started = result.stderr.split()
+  assert started.count('pid') == 2  # The script ran twice: one restart.
+  pid, choice, loaded = result.stdout.split()
+  assert pid == started[1] == started[3]
+  assert (choice, loaded) == ('mimalloc', 'True')
