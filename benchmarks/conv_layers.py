@@ -19,6 +19,14 @@ import time
 from absl import app
 from absl import flags
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from darknet53_jax import allocator
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('batch_size', 16, 'Images per call.')
 flags.DEFINE_integer('image_size', 128, 'Input height and width.')
@@ -50,8 +58,6 @@ def _best_ms(fn, *args) -> float:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
-      __file__))))
   import jax  # pylint: disable=g-import-not-at-top
   from jax import lax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -99,4 +105,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  allocator.restart_with_fast_allocator()
   app.run(main)

@@ -2,10 +2,11 @@
 
 glibc's malloc maps every allocation of 32 MiB or more afresh and unmaps it
 on free, so each train step faults XLA:CPU's large buffers in again: about
-2,900 page faults and 0.37 s of kernel time per step even with glibc's huge
-pages (batch 16, 128 px, 2-core VM). mimalloc (Microsoft's allocator, from
-the ``cmeel-mimalloc`` wheel), preloaded with purging off, keeps freed
-memory for the next allocation: 56 faults and 0.18 s (docs/performance.md).
+2,900 page faults and 0.27-0.38 s of kernel time per step even with glibc's
+huge pages (batch 16, 128 px, 2-core VM). mimalloc (Microsoft's allocator,
+from the ``cmeel-mimalloc`` wheel), preloaded with purging off, keeps freed
+memory for the next allocation: 55-58 faults and 0.18 s
+(docs/performance.md).
 Where that wheel is missing, glibc's ``glibc.malloc.hugetlb=1`` tunable at
 least faults 2 MiB at a time. Both act when a process starts, hence a
 re-exec; ``DARKNET53_ALLOCATOR`` records (or, set by the user, fixes) the
@@ -21,8 +22,9 @@ VARIABLE = 'DARKNET53_ALLOCATOR'
 HUGE_PAGES_TUNABLE = 'glibc.malloc.hugetlb=1'
 
 
-def _joined(first, rest, separator):
-  return separator.join(filter(None, (first, rest)))
+def _path_list(first, rest):
+  """``first:rest``, either of them possibly unset."""
+  return ':'.join(filter(None, (first, rest)))
 
 
 def mimalloc_library() -> str | None:
@@ -35,23 +37,25 @@ def mimalloc_library() -> str | None:
   return next((p for p in paths if os.path.isfile(p)), None)
 
 
-def allocator_environment(environ, mimalloc: str | None):
+def allocator_environment(environ, find_mimalloc=mimalloc_library):
   """``environ`` with the allocator set up, or None if it already chose.
 
   Args:
     environ: the current environment.
-    mimalloc: the mimalloc library to preload (``None``: use huge pages).
+    find_mimalloc: returns the mimalloc library to preload (``None``: use
+      huge pages); only called when there is a choice to make.
   """
   if VARIABLE in environ:
     return None
+  mimalloc = find_mimalloc()
   if mimalloc is not None:
     return {**environ, VARIABLE: 'mimalloc',
-            'LD_PRELOAD': _joined(mimalloc, environ.get('LD_PRELOAD'), ':'),
+            'LD_PRELOAD': _path_list(mimalloc, environ.get('LD_PRELOAD')),
             # Keep freed memory mapped rather than return it after 10 ms.
             'MIMALLOC_PURGE_DELAY': environ.get('MIMALLOC_PURGE_DELAY', '-1')}
   return {**environ, VARIABLE: 'huge_pages',
-          'GLIBC_TUNABLES': _joined(environ.get('GLIBC_TUNABLES'),
-                                    HUGE_PAGES_TUNABLE, ':')}
+          'GLIBC_TUNABLES': _path_list(environ.get('GLIBC_TUNABLES'),
+                                       HUGE_PAGES_TUNABLE)}
 
 
 def restart_with_fast_allocator():
@@ -64,7 +68,7 @@ def restart_with_fast_allocator():
   """
   if platform.libc_ver()[0] != 'glibc':
     return
-  environ = allocator_environment(os.environ, mimalloc_library())
+  environ = allocator_environment(os.environ)
   if environ is None:
     return
   sys.stdout.flush()

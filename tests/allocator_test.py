@@ -9,10 +9,17 @@ import pytest
 
 from darknet53_jax import allocator
 
+_MIMALLOC = lambda: '/lib/libmimalloc.so'
+_NO_MIMALLOC = lambda: None
+
+
+def _not_called():
+  raise AssertionError('looked for mimalloc after the choice was made')
+
 
 def test_mimalloc_is_preloaded_before_the_users_libraries():
   environ = allocator.allocator_environment(
-      {'LD_PRELOAD': '/x/libuser.so'}, '/lib/libmimalloc.so')
+      {'LD_PRELOAD': '/x/libuser.so'}, _MIMALLOC)
   assert environ == {'LD_PRELOAD': '/lib/libmimalloc.so:/x/libuser.so',
                      'MIMALLOC_PURGE_DELAY': '-1',
                      'DARKNET53_ALLOCATOR': 'mimalloc'}
@@ -20,24 +27,24 @@ def test_mimalloc_is_preloaded_before_the_users_libraries():
 
 def test_a_users_mimalloc_setting_is_kept():
   environ = allocator.allocator_environment(
-      {'MIMALLOC_PURGE_DELAY': '100'}, '/lib/libmimalloc.so')
+      {'MIMALLOC_PURGE_DELAY': '100'}, _MIMALLOC)
   assert environ['MIMALLOC_PURGE_DELAY'] == '100'
 
 
 def test_without_mimalloc_huge_pages_join_the_users_tunables():
-  assert allocator.allocator_environment({'A': '1'}, None) == {
+  assert allocator.allocator_environment({'A': '1'}, _NO_MIMALLOC) == {
       'A': '1', 'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1',
       'DARKNET53_ALLOCATOR': 'huge_pages'}
   assert allocator.allocator_environment(
       {'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'},
-      None)['GLIBC_TUNABLES'] == (
+      _NO_MIMALLOC)['GLIBC_TUNABLES'] == (
           'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1')
 
 
 @pytest.mark.parametrize('choice', ['mimalloc', 'huge_pages', 'system'])
 def test_no_restart_once_the_choice_is_made(choice):
   assert allocator.allocator_environment(
-      {'DARKNET53_ALLOCATOR': choice}, '/lib/libmimalloc.so') is None
+      {'DARKNET53_ALLOCATOR': choice}, _not_called) is None
 
 
 def test_the_pinned_mimalloc_wheel_is_found():
