@@ -41,9 +41,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.stage_depths = (1, 2, 8, 8, 4)
   config.model.bn_momentum = 0.9
   config.model.bn_epsilon = 1e-5
-  # Faster on CPUs; False makes CPU results independent of the number
-  # of devices per process (see Darknet53.cpu_matmul_convs).
-  config.model.cpu_matmul_convs = True
+  # CPU convolutions (faster there). None: on when JAX runs on CPUs, off on
+  # GPUs and TPUs. False: XLA's convolutions everywhere, for jax.jvp and
+  # for CPU results independent of the number of devices per process (see
+  # Darknet53.cpu_matmul_convs).
+  config.model.cpu_matmul_convs = ml_collections.config_dict.placeholder(bool)
   config.sync_batch_norm = True
 
   # Precision: float16 with dynamic loss scaling (GPU), bfloat16 (TPU) or
@@ -75,4 +77,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.profile_steps = 0  # > 0: capture a profile of that many steps.
   config.init_from = ''  # A checkpoint to start a new run from.
   config.seed = 0
+
+  # Runtime. Compiled steps are kept here and reused by the next start,
+  # resume or --eval_only with the same shapes; None: $JAX_COMPILATION_CACHE_DIR
+  # or ~/.cache/darknet53_jax/xla/<cpu>; '': no cache.
+  config.compilation_cache_dir = ml_collections.config_dict.placeholder(str)
+  # XLA:GPU's deterministic ops: bitwise-repeatable GPU runs, at a cost in
+  # speed (README); no effect on CPUs and TPUs.
+  config.deterministic = False
   return config

@@ -11,8 +11,13 @@ Where that wheel is missing, glibc's ``glibc.malloc.hugetlb=1`` tunable at
 least faults 2 MiB at a time. Both act when a process starts, hence a
 re-exec; ``DARKNET53_ALLOCATOR`` records (or, set by the user, fixes) the
 choice: ``mimalloc``, ``huge_pages`` or ``system`` (no change).
+
+Only where JAX will compute on CPUs: on GPU and TPU hosts the host's buffers
+are few and small, and keeping all freed memory mapped was never measured
+there, so those processes keep the system allocator and are not restarted.
 """
 
+import glob
 import importlib.metadata
 import os
 import platform
@@ -20,6 +25,10 @@ import sys
 
 VARIABLE = 'DARKNET53_ALLOCATOR'
 HUGE_PAGES_TUNABLE = 'glibc.malloc.hugetlb=1'
+# Device files of the accelerators JAX has plugins for: NVIDIA GPUs, TPUs
+# (/dev/accel* up to v4, VFIO groups from v5e) and AMD GPUs.
+ACCELERATOR_DEVICE_FILES = ('/dev/nvidia[0-9]*', '/dev/accel[0-9]*',
+                            '/dev/vfio/[0-9]*', '/dev/kfd')
 
 
 def _path_list(first, rest):
@@ -37,15 +46,34 @@ def mimalloc_library() -> str | None:
   return next((p for p in paths if os.path.isfile(p)), None)
 
 
-def allocator_environment(environ, find_mimalloc=mimalloc_library):
-  """``environ`` with the allocator set up, or None if it already chose.
+def accelerator_visible() -> bool:
+  """Whether this host shows a GPU or TPU device file."""
+  return any(glob.glob(pattern) for pattern in ACCELERATOR_DEVICE_FILES)
+
+
+def jax_runs_on_cpu(environ, find_accelerator=accelerator_visible) -> bool:
+  """JAX's first choice of platform is the CPU: ``JAX_PLATFORMS`` lists
+  ``cpu`` first or, unset, no accelerator is visible."""
+  platforms = [p.strip() for p in environ.get('JAX_PLATFORMS', '').split(',')
+               if p.strip()]
+  if platforms:
+    return platforms[0] == 'cpu'
+  return not find_accelerator()
+
+
+def allocator_environment(environ, find_mimalloc=mimalloc_library,
+                          find_accelerator=accelerator_visible):
+  """``environ`` with the allocator set up, or None when there is nothing
+  to do: the choice was made already, or JAX will not run on CPUs.
 
   Args:
     environ: the current environment.
     find_mimalloc: returns the mimalloc library to preload (``None``: use
       huge pages); only called when there is a choice to make.
+    find_accelerator: whether a GPU or TPU is visible (``JAX_PLATFORMS``,
+      when set, decides instead).
   """
-  if VARIABLE in environ:
+  if VARIABLE in environ or not jax_runs_on_cpu(environ, find_accelerator):
     return None
   mimalloc = find_mimalloc()
   if mimalloc is not None:

@@ -31,6 +31,12 @@ import tensorflow_datasets as tfds
 from darknet53_jax import datasets  # noqa: F401  (registers our builders)
 from darknet53_jax.datasets import image_folder
 
+# tf.data runs on the host. A GPU build of TensorFlow would otherwise reserve
+# most of each GPU's memory at its first op, before JAX allocates; every
+# TensorFlow user here (main, predict, prepare_data, export) imports this
+# module first.
+tf.config.set_visible_devices([], 'GPU')
+
 INTERPOLATIONS = {'bilinear': tf.image.ResizeMethod.BILINEAR,
                   'bicubic': tf.image.ResizeMethod.BICUBIC}
 # The antialiasing kernels tf.image.resize uses for each interpolation.

@@ -19,13 +19,13 @@ from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
-import tensorflow as tf
 
 from darknet53_jax import checkpoints
 from darknet53_jax import config_checks
 from darknet53_jax import distributed
 from darknet53_jax import input_pipeline
 from darknet53_jax import preemption
+from darknet53_jax import runtime
 from darknet53_jax import trainer
 # pylint: enable=g-import-not-at-top,wrong-import-position,g-bad-import-order
 
@@ -93,9 +93,8 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
   config = _load_config()
-  distributed.initialize_from_flags()  # Before anything touches a device.
-  # tf.data must never take accelerator memory.
-  tf.config.set_visible_devices([], 'GPU')
+  runtime.configure(config)  # Before anything touches a device.
+  distributed.initialize_from_flags()
   logging.info('JAX process %d of %d, %d local and %d global devices (%s).',
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(),

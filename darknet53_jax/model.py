@@ -10,6 +10,7 @@ import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 from jax import lax
 import jax.numpy as jnp
 
@@ -19,6 +20,14 @@ STAGE_WIDTHS = (64, 128, 256, 512, 1024)
 STAGE_DEPTHS = (1, 2, 8, 8, 4)
 STEM_WIDTH = 32
 ACTIVATIONS = ('leaky_relu', 'relu')
+
+
+def uses_cpu_convs(cpu_matmul_convs: bool | None) -> bool:
+  """Whether convolutions are ``conv``'s CPU ones; ``None``: only when JAX
+  runs on CPUs, so GPU and TPU models are plain XLA convolutions."""
+  if cpu_matmul_convs is None:
+    return jax.default_backend() == 'cpu'
+  return cpu_matmul_convs
 
 
 class ConvBN(nn.Module):
@@ -31,13 +40,13 @@ class ConvBN(nn.Module):
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   bn_axis_name: str | None = None
-  cpu_matmul_convs: bool = True
+  cpu_matmul_convs: bool | None = None
 
   @nn.compact
   def __call__(self, x, train: bool):
     pad = self.kernel_size // 2
     conv_general_dilated = (conv_lib.conv_general_dilated
-                            if self.cpu_matmul_convs
+                            if uses_cpu_convs(self.cpu_matmul_convs)
                             else lax.conv_general_dilated)
     x = nn.Conv(
         self.features, (self.kernel_size, self.kernel_size),
@@ -77,12 +86,15 @@ class Darknet53(nn.Module):
     bn_epsilon: BatchNorm epsilon.
     bn_axis_name: mesh axis to synchronise BatchNorm batch statistics over
       in training (``None``: per-device statistics).
-    cpu_matmul_convs: on CPUs, compute 1x1 convolutions as matmuls, the
-      wider 3x3 stride-1 ones with Winograd's algorithm and the other conv
-      kernel gradients as patch matmuls (faster; see ``conv``). XLA:CPU splits
-      matmuls by the number of devices in the process, so their rounding
-      differs between, say, 2 and 4 local devices; ``False`` keeps XLA's
-      convolutions, whose results do not depend on it.
+    cpu_matmul_convs: compute 1x1 convolutions as matmuls, the wider 3x3
+      stride-1 ones with Winograd's algorithm and the other conv kernel
+      gradients as patch matmuls (faster on CPUs; see ``conv``). ``None``
+      (the default): on when JAX runs on CPUs, off on GPUs and TPUs. They
+      are ``custom_vjp`` functions, so forward-mode autodiff (``jax.jvp``)
+      needs ``False``. XLA:CPU splits matmuls by the number of devices in
+      the process, so their rounding differs between, say, 2 and 4 local
+      devices; ``False`` keeps XLA's convolutions, whose results do not
+      depend on it.
   """
   num_classes: int = 1000
   activation: str = 'leaky_relu'
@@ -93,7 +105,7 @@ class Darknet53(nn.Module):
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   bn_axis_name: str | None = None
-  cpu_matmul_convs: bool = True
+  cpu_matmul_convs: bool | None = None
 
   def _width(self, channels: int) -> int:
     return max(1, int(round(channels * self.width_multiplier)))

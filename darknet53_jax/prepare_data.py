@@ -13,7 +13,6 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from darknet53_jax import input_pipeline
@@ -66,7 +65,6 @@ def prepare(dataset: str, data_dir: str | None,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  tf.config.set_visible_devices([], 'GPU')
   try:
     prepare(FLAGS.dataset, FLAGS.data_dir, FLAGS.manual_dir)
   except input_pipeline.DataError as e:

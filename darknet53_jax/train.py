@@ -25,6 +25,9 @@ from darknet53_jax import model as model_lib
 from darknet53_jax import optim
 
 DATA_AXIS = 'data'
+# The smallest input the model takes: its parameters do not depend on the
+# image size, so initialising at it keeps init's forward pass cheap.
+INIT_SIZE = 32
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16,
           'float16': jnp.float16}
 
@@ -67,9 +70,8 @@ def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict,
                        model: model_lib.Darknet53,
                        tx: optax.GradientTransformation) -> TrainState:
   """Initialises the variables, optimiser and (for float16) the loss scale."""
-  size = config.train_size
-  variables = model.init(rng, jnp.zeros((1, size, size, 3), jnp.float32),
-                         train=False)
+  variables = model.init(
+      rng, jnp.zeros((1, INIT_SIZE, INIT_SIZE, 3), jnp.float32), train=False)
   scale = None
   if config.dtype == 'float16':
     scale = dynamic_scale_lib.DynamicScale(
@@ -85,7 +87,13 @@ def create_replicated_train_state(rng, config, model, tx, mesh) -> TrainState:
   """``create_train_state``, jitted and replicated over the mesh."""
   init = functools.partial(create_train_state, config=config, model=model,
                            tx=tx)
-  return jax.jit(init, out_shardings=NamedSharding(mesh, P()))(rng)
+  # It runs once: on CPUs, XLA's lowest optimisation level compiles it 3
+  # times faster (7 s instead of 20 s at the quick start's size), and moves
+  # its random values by at most one float32 ulp.
+  on_cpu = mesh.devices.flat[0].platform == 'cpu'
+  options = {'xla_backend_optimization_level': 0} if on_cpu else None
+  return jax.jit(init, out_shardings=NamedSharding(mesh, P())).lower(
+      rng).compile(options)(rng)
 
 
 def image_normalizer(config: ml_collections.ConfigDict):
@@ -115,6 +123,10 @@ def train_step(state: TrainState, batch, *, learning_rate_fn,
   images = normalize(batch['image'], jitter=batch.get('color_jitter'))
 
   def loss_fn(params):
+    # Device-varying float32 params: the cross-device sum of their gradients
+    # (the transpose of this cast) runs in float32, before the model casts
+    # them to the compute dtype.
+    params = lax.pcast(params, DATA_AXIS, to='varying')
     logits, updates = state.apply_fn(
         {'params': params, 'batch_stats': state.batch_stats},
         images, train=True, mutable=['batch_stats'])
@@ -137,13 +149,13 @@ def train_step(state: TrainState, batch, *, learning_rate_fn,
   for g in jax.tree.leaves(grads):
     finite &= jnp.all(jnp.isfinite(g))
 
-  updated = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  keep = lambda new, old: jnp.where(finite, new, old)
-  new_state = updated.replace(
-      params=jax.tree.map(keep, updated.params, state.params),
-      batch_stats=jax.tree.map(keep, updated.batch_stats, state.batch_stats),
-      opt_state=jax.tree.map(keep, updated.opt_state, state.opt_state),
-      dynamic_scale=new_scale)
+  # One branch over the whole update, not a jnp.where per leaf: XLA:CPU
+  # compiled the selects 3.5 times slower than the rest of the step.
+  new_state = lax.cond(
+      finite,
+      lambda: state.apply_gradients(grads=grads, batch_stats=batch_stats),
+      lambda: state.replace(step=state.step + 1))
+  new_state = new_state.replace(dynamic_scale=new_scale)
 
   top1 = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
   metrics.update(

@@ -25,6 +25,7 @@ from darknet53_jax import config_checks
 from darknet53_jax import input_pipeline
 from darknet53_jax import optim
 from darknet53_jax import preemption
+from darknet53_jax import runtime
 from darknet53_jax import train
 
 
@@ -226,6 +227,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       state, metrics = train_step(state, next(batches))
       pending.append(metrics)
       done = step + 1
+      if step == start_step:
+        jax.block_until_ready(metrics)
+        logging.info('First step done %.1f s after the process started.',
+                     runtime.seconds_since_process_start())
       for hook in hooks:
         hook(done)
       if done % config.log_every_steps == 0 or done == end_step:

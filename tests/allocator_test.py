@@ -11,6 +11,8 @@ from darknet53_jax import allocator
 
 _MIMALLOC = lambda: '/lib/libmimalloc.so'
 _NO_MIMALLOC = lambda: None
+_NO_ACCELERATOR = lambda: False
+_ACCELERATOR = lambda: True
 
 
 def _not_called():
@@ -19,7 +21,7 @@ def _not_called():
 
 def test_mimalloc_is_preloaded_before_the_users_libraries():
   environ = allocator.allocator_environment(
-      {'LD_PRELOAD': '/x/libuser.so'}, _MIMALLOC)
+      {'LD_PRELOAD': '/x/libuser.so'}, _MIMALLOC, _NO_ACCELERATOR)
   assert environ == {'LD_PRELOAD': '/lib/libmimalloc.so:/x/libuser.so',
                      'MIMALLOC_PURGE_DELAY': '-1',
                      'DARKNET53_ALLOCATOR': 'mimalloc'}
@@ -27,17 +29,18 @@ def test_mimalloc_is_preloaded_before_the_users_libraries():
 
 def test_a_users_mimalloc_setting_is_kept():
   environ = allocator.allocator_environment(
-      {'MIMALLOC_PURGE_DELAY': '100'}, _MIMALLOC)
+      {'MIMALLOC_PURGE_DELAY': '100'}, _MIMALLOC, _NO_ACCELERATOR)
   assert environ['MIMALLOC_PURGE_DELAY'] == '100'
 
 
 def test_without_mimalloc_huge_pages_join_the_users_tunables():
-  assert allocator.allocator_environment({'A': '1'}, _NO_MIMALLOC) == {
+  assert allocator.allocator_environment(
+      {'A': '1'}, _NO_MIMALLOC, _NO_ACCELERATOR) == {
       'A': '1', 'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1',
       'DARKNET53_ALLOCATOR': 'huge_pages'}
   assert allocator.allocator_environment(
       {'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'},
-      _NO_MIMALLOC)['GLIBC_TUNABLES'] == (
+      _NO_MIMALLOC, _NO_ACCELERATOR)['GLIBC_TUNABLES'] == (
           'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1')
 
 
@@ -45,6 +48,20 @@ def test_without_mimalloc_huge_pages_join_the_users_tunables():
 def test_no_restart_once_the_choice_is_made(choice):
   assert allocator.allocator_environment(
       {'DARKNET53_ALLOCATOR': choice}, _not_called) is None
+
+
+@pytest.mark.parametrize('jax_platforms', [None, 'cuda', 'tpu,cpu'])
+def test_no_restart_where_jax_runs_on_an_accelerator(jax_platforms):
+  environ = {} if jax_platforms is None else {'JAX_PLATFORMS': jax_platforms}
+  assert allocator.allocator_environment(environ, _not_called,
+                                         _ACCELERATOR) is None
+
+
+@pytest.mark.parametrize('jax_platforms', ['cpu', 'cpu,cuda'])
+def test_jax_platforms_cpu_restarts_even_beside_an_accelerator(jax_platforms):
+  environ = allocator.allocator_environment(
+      {'JAX_PLATFORMS': jax_platforms}, _MIMALLOC, _ACCELERATOR)
+  assert environ['DARKNET53_ALLOCATOR'] == 'mimalloc'
 
 
 def test_the_pinned_mimalloc_wheel_is_found():
@@ -65,6 +82,7 @@ def test_restarts_once_in_the_same_process_with_mimalloc_loaded():
   environ = {k: v for k, v in os.environ.items()
              if k not in ('DARKNET53_ALLOCATOR', 'LD_PRELOAD')}
   environ['PYTHONPATH'] = os.path.dirname(os.path.dirname(__file__))
+  environ['JAX_PLATFORMS'] = 'cpu'  # Restarts on an accelerator host too.
   result = subprocess.run([sys.executable, '-c', script], env=environ,
                           capture_output=True, text=True, check=True)
   started = result.stderr.split()

@@ -1,8 +1,11 @@
 """Shared fixtures: tiny configs, a tiny checkpoint and the embedded digits
 data, prepared once."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
@@ -11,10 +14,12 @@ if REPO not in sys.path:
   sys.path.insert(0, REPO)  # For `from configs import ...` in configs.
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-# Many tests compile the same tiny model: share compilations across them and
-# across the subprocesses they start.
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
-                      os.path.join(REPO, '.pytest_cache', 'jax'))
+# Many tests compile the same tiny model: one compilation cache per test run,
+# shared by its tests and the subprocesses they start (they inherit it).
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  _CACHE = tempfile.mkdtemp(prefix='darknet53_jax_tests_xla_')
+  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _CACHE
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -24,6 +29,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from darknet53_jax import checkpoints  # noqa: E402
+from darknet53_jax import optim  # noqa: E402
 from darknet53_jax import train  # noqa: E402
 
 
@@ -44,6 +50,48 @@ def tiny_config(data_dir=None):
   config.crop_area_range = (0.6, 1.0)
   config.learning_rate = 0.1
   return config
+
+
+def train_setup(config, devices, num_classes=10, steps_per_epoch=10):
+  """(mesh, replicated train state, jitted train step) on ``devices``."""
+  mesh = train.create_mesh(devices)
+  model = train.create_model(config, num_classes)
+  schedule = optim.create_learning_rate_schedule(config, steps_per_epoch)
+  tx = optim.create_optimizer(config, schedule)
+  state = train.create_replicated_train_state(jax.random.key(0), config,
+                                              model, tx, mesh)
+  return mesh, state, train.make_train_step(mesh, config, schedule)
+
+
+def random_batches(config, count, seed=0, num_classes=10):
+  """``count`` global batches of random uint8 images and labels."""
+  rng = np.random.default_rng(seed)
+  size = config.train_size
+  return [{'image': rng.integers(0, 256, (config.batch_size, size, size, 3),
+                                 np.uint8),
+           'label': rng.integers(0, num_classes, config.batch_size)}
+          for _ in range(count)]
+
+
+def train_steps(config, devices, batches):
+  """Trains on ``batches``; returns the params and BatchNorm statistics, and
+  how many steps were skipped as non-finite."""
+  mesh, state, step = train_setup(config, devices)
+  skipped = 0
+  for batch in batches:
+    state, metrics = step(state, train.global_batch(mesh, batch))
+    skipped += int(metrics['finite'] == 0)
+  variables = jax.device_get({'params': state.params,
+                              'batch_stats': state.batch_stats})
+  return variables, skipped
+
+
+def max_relative_difference(a, b) -> float:
+  """The largest leaf-wise max |a - b| / max |b| over two pytrees."""
+  diffs = jax.tree.map(
+      lambda x, y: float(np.max(np.abs(x - y)) / (np.max(np.abs(y)) + 1e-12)),
+      a, b)
+  return max(jax.tree.leaves(diffs))
 
 
 def main_flags(config: ml_collections.ConfigDict) -> list[str]:

@@ -1,6 +1,7 @@
 """End-to-end runs of training, resume and evaluation, and the CLI's errors."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -50,18 +51,33 @@ def _tiny_flags(data_dir):
   return conftest.main_flags(config)
 
 
+def _compiled(cache_dir, name):
+  """The compiled programs named ``name`` in a compilation cache."""
+  return {f for f in os.listdir(cache_dir)
+          if f.startswith(f'jit_{name}-') and f.endswith('-cache')}
+
+
 def test_cli_trains_then_evaluates_only(digits_data_dir, tmp_path):
   workdir = str(tmp_path / 'run')
-  trained = _main(*_tiny_flags(digits_data_dir), f'--workdir={workdir}')
+  cache = tmp_path / 'xla'
+  flags = [*_tiny_flags(digits_data_dir), f'--workdir={workdir}',
+           f'--config.compilation_cache_dir={cache}']
+  trained = _main(*flags)
   assert trained.returncode == 0, trained.stderr[-2000:]
   assert checkpoints.checkpoint_step(workdir) == 11
   assert any(name.startswith('events.out.tfevents')
              for name in os.listdir(workdir))
-  evaluated = _main(*_tiny_flags(digits_data_dir), f'--workdir={workdir}',
-                    '--eval_only')
+  assert re.search(r'First step done [\d.]+ s after the process started',
+                   trained.stderr)
+  train_steps, eval_steps = _compiled(cache, 'train_step'), _compiled(
+      cache, 'eval_step')
+  assert len(train_steps) == len(eval_steps) == 1
+  evaluated = _main(*flags, '--eval_only')
   assert evaluated.returncode == 0, evaluated.stderr[-2000:]
   assert 'eval/num_examples=360' in evaluated.stderr
   assert checkpoints.checkpoint_step(workdir) == 11  # Nothing trained.
+  # --eval_only reused the training run's compiled eval step.
+  assert _compiled(cache, 'eval_step') == eval_steps
 
 
 @pytest.mark.parametrize('case, extra, devices, message', [
