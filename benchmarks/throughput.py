@@ -10,8 +10,9 @@ eval-mode forward pass over all local devices, on batches that
 images/s and step time (the median of ``config.benchmark_rounds`` rounds of
 ``--steps`` steps, after ``config.benchmark_warmup_steps``), compile time,
 XLA's FLOP count of each step (``compiled.cost_analysis()``) and the model
-FLOPs utilisation against the device's peak, and peak device memory where
-the runtime reports it. ``--batch_size`` is global; ``--image_size`` sets the
+FLOPs utilisation against the device's peak, peak device memory where the
+runtime reports it, and the time to the first step (from the process start,
+imports, initialisation and compiles included). ``--batch_size`` is global; ``--image_size`` sets the
 train and the inference size. Imports no TensorFlow.
 """
 
@@ -42,6 +43,7 @@ from jax.sharding import PartitionSpec as P
 
 from darknet53_jax import config_checks
 from darknet53_jax import optim
+from darknet53_jax import runtime
 from darknet53_jax import synthetic_data
 from darknet53_jax import train
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -231,6 +233,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   load_before = os.getloadavg()
   bench = JaxBenchmark(config)
   compiled = bench.compile()
+  bench.time_train(1)
+  first_step_s = runtime.seconds_since_process_start()
   device = bench.devices[0]
   peak, peak_source = peak_flops(device, config.dtype)
   results = {
@@ -242,6 +246,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       'stage_depths': list(config.model.stage_depths),
       'steps': config.benchmark_steps, 'rounds': config.benchmark_rounds,
       'peak_flops_per_device': peak, 'peak_flops_source': peak_source,
+      'time_to_first_step_s': first_step_s,
   }
   for name in bench.steps:
     phase = dict(compiled[name],
@@ -281,6 +286,8 @@ def format_table(results: dict[str, Any]) -> str:
       f'inference, width x{results["width_multiplier"]}, stage depths '
       f'{tuple(results["stage_depths"])}, median of {results["rounds"]} x '
       f'{results["steps"]} steps',
+      f'time to the first train step: '
+      f'{results["time_to_first_step_s"]:.1f} s from the process start',
       f'peak device memory: '
       f'{"n/a" if memory is None else f"{memory / 2**30:.2f} GiB"}',
       f'peak FLOP/s per device: '

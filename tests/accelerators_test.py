@@ -155,9 +155,7 @@ def numerical_checks() -> dict:
 
 @pytest.fixture(scope='module')
 def four_device_results():
-  env = dict(os.environ,
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={DEVICES}',
-             JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
+  env = conftest.subprocess_env(DEVICES)
   result = subprocess.run(
       [sys.executable, os.path.abspath(__file__)], env=env, cwd=REPO,
       capture_output=True, text=True, timeout=600, check=False)

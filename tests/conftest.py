@@ -14,12 +14,24 @@ if REPO not in sys.path:
   sys.path.insert(0, REPO)  # For `from configs import ...` in configs.
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# Quick compiles: XLA:CPU's LLVM optimisations take most of the compile time
+# of these tiny models and change no result beyond float32 rounding; the
+# tests check what the programs compute, not their speed. Subprocesses
+# inherit the flags (``subprocess_env``).
+QUICK_COMPILE_FLAGS = ('--xla_backend_optimization_level=0 '
+                       '--xla_llvm_disable_expensive_passes=true')
+os.environ['XLA_FLAGS'] = ' '.join(filter(None, (
+    os.environ.get('XLA_FLAGS'), QUICK_COMPILE_FLAGS)))
 # Many tests compile the same tiny model: one compilation cache per test run,
-# shared by its tests and the subprocesses they start (they inherit it).
+# shared by its tests, the pytest-xdist workers (one run ID) and the
+# subprocesses they start. Bounded, so JAX reads and writes it under a lock.
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
-  _CACHE = tempfile.mkdtemp(prefix='darknet53_jax_tests_xla_')
-  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+  _RUN = os.environ.get('PYTEST_XDIST_TESTRUNUID', str(os.getpid()))
+  _CACHE = os.path.join(tempfile.gettempdir(), f'darknet53_jax_tests_{_RUN}')
+  if 'PYTEST_XDIST_WORKER' not in os.environ:  # The run's first process.
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _CACHE
+os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(4 << 30))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -50,6 +62,16 @@ def tiny_config(data_dir=None):
   config.crop_area_range = (0.6, 1.0)
   config.learning_rate = 0.1
   return config
+
+
+def subprocess_env(devices: int | None = None) -> dict:
+  """This environment for a subprocess on CPUs, with ``devices`` forced CPU
+  devices if given (XLA reads the count once, at start-up)."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  if devices is not None:
+    env['XLA_FLAGS'] = (f'{env["XLA_FLAGS"]} '
+                        f'--xla_force_host_platform_device_count={devices}')
+  return env
 
 
 def train_setup(config, devices, num_classes=10, steps_per_epoch=10):

@@ -65,15 +65,6 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _env(devices: int) -> dict:
-  """CPU only, ``devices`` CPU devices, and quick XLA compiles (about 3x less
-  compile time; every run compared here uses the same flags)."""
-  return dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
-              XLA_FLAGS=(f'--xla_force_host_platform_device_count={devices} '
-                         '--xla_backend_optimization_level=0 '
-                         '--xla_llvm_disable_expensive_passes=true'))
-
-
 def _main(*args: str) -> list[str]:
   return [sys.executable, '-m', 'darknet53_jax.main', *args]
 
@@ -166,10 +157,10 @@ def two_process_run(digits_data_dir, tmp_path_factory):
   common = conftest.main_flags(_config(digits_data_dir)) + [
       f'--workdir={workdir}', f'--coordinator_address=127.0.0.1:{_free_port()}',
       f'--num_processes={NUM_PROCESSES}', '--distributed_timeout=120']
-  runs = [(_main(*common, f'--process_id={i}'), _env(DEVICES_PER_PROCESS))
+  runs = [(_main(*common, f'--process_id={i}'), conftest.subprocess_env(DEVICES_PER_PROCESS))
           for i in range(NUM_PROCESSES)]
   runs.append(([sys.executable, os.path.abspath(__file__), digits_data_dir,
-                reference], _env(NUM_PROCESSES * DEVICES_PER_PROCESS)))
+                reference], conftest.subprocess_env(NUM_PROCESSES * DEVICES_PER_PROCESS)))
   start = time.perf_counter()
   returncodes, logs = _run_processes(runs, RUN_TIMEOUT_S)
   print(f'two-process training and reference: '
@@ -210,7 +201,7 @@ def test_checkpoint_of_two_processes_evaluates_on_one_device(
   result = subprocess.run(
       _main(*conftest.main_flags(_config(digits_data_dir)),
             f'--workdir={tmp_path}', '--eval_only', f'--checkpoint={workdir}'),
-      cwd=REPO, env=_env(1), capture_output=True, text=True,
+      cwd=REPO, env=conftest.subprocess_env(1), capture_output=True, text=True,
       timeout=RUN_TIMEOUT_S, check=False)
   assert result.returncode == 0, result.stderr[-5000:]
   assert '1 local and 1 global devices' in result.stderr
@@ -232,7 +223,7 @@ def test_unreachable_coordinator_fails_fast_with_one_line(tmp_path):
       _main('--config=configs/quickstart.py', f'--workdir={tmp_path}',
             f'--coordinator_address=127.0.0.1:{_free_port()}',
             '--num_processes=2', '--process_id=1', '--distributed_timeout=5'),
-      cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=120,
+      cwd=REPO, env=conftest.subprocess_env(1), capture_output=True, text=True, timeout=120,
       check=False)
   elapsed = time.perf_counter() - start
   assert result.returncode == 1
@@ -296,7 +287,7 @@ def test_on_without_a_cluster_raises_a_clear_error():
           '  distributed.initialize("on", environ={})\n'
           'except distributed.DistributedError as e:\n'
           '  print(e)\n')
-  env = {k: v for k, v in _env(1).items()
+  env = {k: v for k, v in conftest.subprocess_env(1).items()
          if not k.startswith(('SLURM_', 'OMPI_', 'JAX_COORDINATOR'))}
   result = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120,

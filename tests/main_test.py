@@ -37,10 +37,9 @@ def test_resume_gives_the_same_parameters(digits_data_dir, tmp_path):
 
 
 def _main(*args, devices=1, timeout=300):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
   return subprocess.run(
-      [sys.executable, '-m', 'darknet53_jax.main', *args], cwd=REPO, env=env,
+      [sys.executable, '-m', 'darknet53_jax.main', *args], cwd=REPO,
+      env=conftest.subprocess_env(devices),
       capture_output=True, text=True, timeout=timeout, check=False)
 
 

@@ -30,7 +30,7 @@ def _config(data_dir):
 
 
 def _start(data_dir, workdir):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', JAX_PLATFORMS='cpu')
+  env = conftest.subprocess_env()
   return subprocess.Popen(
       [sys.executable, '-m', 'darknet53_jax.main',
        *conftest.main_flags(_config(data_dir)), f'--workdir={workdir}'],

@@ -47,9 +47,7 @@ def multidevice_checks(data_dir: str) -> dict:
 
 @pytest.fixture(scope='module')
 def eight_device_results(digits_data_dir):
-  env = dict(os.environ,
-             XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
+  env = conftest.subprocess_env(devices=8)
   result = subprocess.run(
       [sys.executable, os.path.abspath(__file__), digits_data_dir],
       env=env, cwd=REPO, capture_output=True, text=True, timeout=600,
