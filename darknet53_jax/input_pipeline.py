@@ -35,7 +35,11 @@ from darknet53_jax.datasets import image_folder
 # most of each GPU's memory at its first op, before JAX allocates; every
 # TensorFlow user here (main, predict, prepare_data, export) imports this
 # module first.
-tf.config.set_visible_devices([], 'GPU')
+try:
+  tf.config.set_visible_devices([], 'GPU')
+except RuntimeError:  # TensorFlow ran an op before this import: too late.
+  logging.warning('TensorFlow was initialised before darknet53_jax: it may '
+                  'hold GPU memory that JAX needs.')
 
 INTERPOLATIONS = {'bilinear': tf.image.ResizeMethod.BILINEAR,
                   'bicubic': tf.image.ResizeMethod.BICUBIC}

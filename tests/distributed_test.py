@@ -74,13 +74,6 @@ def _eval_lines(log: str) -> list[tuple]:
           for m in EVAL_LINE.finditer(log)]
 
 
-def _max_relative_difference(a: dict, b: dict) -> float:
-  """Largest max|a - b| / max|b| over the leaves of two flat dicts."""
-  assert sorted(a) == sorted(b)
-  return max(float(np.max(np.abs(a[k] - b[k])) / (np.max(np.abs(b[k])) +
-                                                   1e-12)) for k in a)
-
-
 def _flat_arrays(variables: dict) -> dict[str, np.ndarray]:
   import jax  # pylint: disable=g-import-not-at-top
   leaves = jax.tree_util.tree_flatten_with_path(variables)[0]
@@ -182,7 +175,8 @@ def test_two_processes_match_one_process_on_the_same_batches(
   reference = dict(reference)
   assert int(reference.pop('devices')) == NUM_PROCESSES * DEVICES_PER_PROCESS
   trained = _flat_arrays(checkpoints.load_variables(workdir))
-  difference = _max_relative_difference(trained, reference)
+  assert sorted(trained) == sorted(reference)
+  difference = conftest.max_relative_difference(trained, reference)
   print(f'max relative difference, 2x2 vs 1x4: {difference:.3g}')
   # Only the order of float32 sums differs (gloo across processes, XLA
   # within one): docs/scale_out.md records 2e-6 after these two steps, in

@@ -74,6 +74,21 @@ def test_tensorflow_never_sees_a_gpu_once_the_pipeline_is_imported():
   assert result.stdout.strip() == "[([], 'GPU')]"
 
 
+def test_pipeline_imports_after_tensorflow_placed_its_devices():
+  # What a GPU build of TensorFlow raises once an op has run.
+  script = (
+      'import tensorflow as tf\n'
+      'def too_late(*args):\n'
+      '  raise RuntimeError("Visible devices cannot be modified")\n'
+      'tf.config.set_visible_devices = too_late\n'
+      'from darknet53_jax import input_pipeline\n'
+      'print("imported")\n')
+  result = subprocess.run([sys.executable, '-c', script], cwd=conftest.REPO,
+                          capture_output=True, text=True, check=True)
+  assert result.stdout.strip() == 'imported'
+  assert 'may hold GPU memory that JAX needs' in result.stderr
+
+
 def test_seconds_since_process_start_counts_from_the_process_start():
   script = ('import time\n'
             'time.sleep(1.0)\n'

@@ -32,8 +32,8 @@ def multidevice_checks(data_dir: str) -> dict:
   config.label_smoothing = 0.1
   batches = conftest.random_batches(config, 3)
   devices = jax.devices()
-  on_eight, _ = conftest.train_steps(config, devices, batches)
-  on_one, _ = conftest.train_steps(config, devices[:1], batches)
+  on_eight = conftest.train_steps(config, devices, batches)
+  on_one = conftest.train_steps(config, devices[:1], batches)
 
   mesh, state, _ = conftest.train_setup(config, devices)
   builder = input_pipeline.get_builder(config)
