@@ -1,6 +1,6 @@
 r"""Our Darknet-53 against timm's darknet53 in PyTorch, on the same device.
 
-  python benchmarks/compare_timm.py [the flags of throughput.py] \
+  python -m benchmarks.compare_timm [the flags of throughput.py] \
       [--torch_compile=true|false] [--channels_last=true|false] [--json=FILE]
 
 Each framework runs in its own worker process (so neither's threads, memory
@@ -33,10 +33,6 @@ from typing import Any
 from absl import app
 from absl import flags
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-  sys.path.insert(0, REPO)
-
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from darknet53_jax import allocator
 
@@ -49,8 +45,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from benchmarks import throughput
+from darknet53_jax import build
 from darknet53_jax import timm_compat
-from darknet53_jax import train
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
@@ -69,7 +65,7 @@ REPLY = 'BENCHMARK '  # Prefixes the workers' protocol lines on stdout.
 
 def _darknet53_widths(config: ml_collections.ConfigDict) -> tuple[int, ...]:
   """Our model's stem and stage widths, read off its parameter shapes."""
-  model = train.create_model(config, config.num_classes)
+  model = build.create_model(config)
   params = jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))['params']
   names = ['stem'] + [f'stage{s}_down'
@@ -227,7 +223,7 @@ class Worker:
     else:
       env['JAX_PLATFORMS'] = 'cpu'  # JAX only reads our model's shapes.
     self.process = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), *sys.argv[1:],
+        [sys.executable, '-m', 'benchmarks.compare_timm', *sys.argv[1:],
          f'--worker={name}'],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 

@@ -1,6 +1,6 @@
 r"""Darknet-53's convolutions one by one: XLA's against ``conv.py``'s.
 
-  python benchmarks/conv_layers.py [--batch_size=16] [--image_size=128] \
+  python -m benchmarks.conv_layers [--batch_size=16] [--image_size=128] \
       [--rounds=5]
 
 For one layer of each shape in Darknet-53 (1x1 and 3x3, stride 1 and 2, at
@@ -12,20 +12,12 @@ best of ``--rounds``) with the network's total, each layer weighted by how
 many times it occurs.
 """
 
-import os
-import sys
 import time
 
 from absl import app
 from absl import flags
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-  sys.path.insert(0, REPO)
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
 from darknet53_jax import allocator
-# pylint: enable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('batch_size', 16, 'Images per call.')

@@ -105,11 +105,11 @@ cat "$out/env.md" > "$summary"
 
 # Autotuning picks fast convolution algorithms, not correct ones: off here.
 XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" run_step precision 150 \
-    "$python" benchmarks/precision_check.py "${precision_flags[@]}"
+    "$python" -m benchmarks.precision_check "${precision_flags[@]}"
 for dtype in "${dtypes[@]}"; do
   for size in "${sizes[@]}"; do
     run_step "compare_${size}px_${dtype}" 200 "$python" \
-        benchmarks/compare_timm.py "${compare_flags[@]}" --image_size="$size" \
+        -m benchmarks.compare_timm "${compare_flags[@]}" --image_size="$size" \
         --dtype="$dtype"
   done
 done

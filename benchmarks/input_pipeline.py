@@ -1,6 +1,6 @@
 r"""Input-pipeline throughput per CPU core, next to raw JPEG decoding.
 
-  python benchmarks/input_pipeline.py [--cores=1] [--num_images=256] \
+  python -m benchmarks.input_pipeline [--cores=1] [--num_images=256] \
       [--seconds=8] [--repeats=3]
 
 Writes ImageNet-like JPEGs (500x375, quality 90, smooth colour fields with
@@ -26,7 +26,6 @@ Prints a Markdown table.
 
 import gc
 import os
-import sys
 import tempfile
 import time
 
@@ -108,16 +107,16 @@ def main(argv):
   # the CPUs the process may use.
   os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:FLAGS.cores])
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
-      __file__))))
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from configs import imagenet  # pylint: disable=g-import-not-at-top
+  from darknet53_jax import config_lib  # pylint: disable=g-import-not-at-top
   from darknet53_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 
   with tempfile.TemporaryDirectory(prefix='pipeline_benchmark_') as workdir:
     encoded = _write_images(os.path.join(workdir, 'images'), FLAGS.num_images)
-    config = imagenet.get_config()
+    config = config_lib.load_file(os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        'configs', 'imagenet.py'))
     config.data_dir = os.path.join(workdir, 'tfds')
     config.dataset = f'image_folder:{workdir}/images'
     config.shuffle_buffer = FLAGS.num_images

@@ -1,6 +1,6 @@
 r"""bfloat16 and float16 train steps against float32, and loss scaling.
 
-  python benchmarks/precision_check.py [the flags of throughput.py]
+  python -m benchmarks.precision_check [the flags of throughput.py]
 
 From one initial state and the same ``--steps`` synthetic batches (float32
 images, cast by the model), trains with the project's train step in float32
@@ -19,27 +19,19 @@ Prints a Markdown table (``--json`` writes every number) and exits with
 status 1 if a check fails. ``--dtype`` is ignored.
 """
 
-import os
 import sys
 from typing import Any
 
 from absl import app
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-  sys.path.insert(0, REPO)
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
 import ml_collections
 import numpy as np
 import optax
 
 from benchmarks import throughput
-from darknet53_jax import optim
+from darknet53_jax import build
+from darknet53_jax import sharding
 from darknet53_jax import synthetic_data
-from darknet53_jax import train
-# pylint: enable=g-import-not-at-top,wrong-import-position
 
 # Largest relative differences to float32 that pass: per-step loss, and the
 # parameter change over the steps. With random images and labels the
@@ -71,15 +63,11 @@ def train_steps(config: ml_collections.ConfigDict, dtype: str,
   config = config.copy_and_resolve_references()
   config.dtype = dtype
   config.update(overrides)
-  mesh = train.create_mesh(jax.local_devices())
+  mesh = sharding.create_mesh(jax.local_devices())
   # One step per epoch: the warm-up reaches the peak rate in a few steps.
-  schedule = optim.create_learning_rate_schedule(config, steps_per_epoch=1)
-  state = train.create_replicated_train_state(
-      jax.random.key(config.seed), config,
-      train.create_model(config, config.num_classes),
-      optim.create_optimizer(config, schedule), mesh)
+  run = build.training(config, mesh, steps_per_epoch=1)
+  state, step = run.state, run.train_step
   initial = jax.device_get(state.params)
-  step = train.make_train_step(mesh, config, schedule)
   history = {'loss': [], 'finite': [], 'loss_scale': []}
   for batch in batches:
     state, metrics = step(state, batch)
@@ -100,7 +88,7 @@ def relative_difference(got, want) -> float:
 
 def check(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Runs every check; returns the numbers and a ``passed`` flag each."""
-  mesh = train.create_mesh(jax.local_devices())
+  mesh = sharding.create_mesh(jax.local_devices())
   batches = synthetic_data.batches(mesh, config.benchmark_steps,
                                    config.batch_size, config.train_size,
                                    config.num_classes)

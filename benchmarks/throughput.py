@@ -1,10 +1,10 @@
 r"""Train-step and inference throughput of Darknet-53 on synthetic data.
 
-  python benchmarks/throughput.py [--config=configs/fake_data_benchmark.py] \
+  python -m benchmarks.throughput [--config=configs/fake_data_benchmark.py] \
       [--image_size=N] [--batch_size=N] [--dtype=float32|bfloat16|float16] \
       [--steps=N] [--width_multiplier=X] [--json=FILE] [--config.FIELD=X]
 
-Runs the project's sharded train step (``train.make_train_step``) and an
+Runs the project's sharded train step (``steps.make_train_step``) and an
 eval-mode forward pass over all local devices, on batches that
 ``synthetic_data`` made on the devices, and prints one Markdown table:
 images/s and step time (the median of ``config.benchmark_rounds`` rounds of
@@ -16,17 +16,13 @@ imports, initialisation and compiles included). ``--batch_size`` is global; ``--
 train and the inference size. Imports no TensorFlow.
 """
 
-import functools
 import json
 import os
 import statistics
-import sys
 import time
 from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-  sys.path.insert(0, REPO)  # For `from configs import ...` and the package.
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from darknet53_jax import allocator
@@ -39,13 +35,13 @@ from absl import flags
 import jax
 import ml_collections
 from ml_collections import config_flags
-from jax.sharding import PartitionSpec as P
-
-from darknet53_jax import config_checks
-from darknet53_jax import optim
+from darknet53_jax import build
+from darknet53_jax import config_lib
+from darknet53_jax import precision
 from darknet53_jax import runtime
+from darknet53_jax import sharding
+from darknet53_jax import steps
 from darknet53_jax import synthetic_data
-from darknet53_jax import train
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
@@ -57,7 +53,7 @@ _IMAGE_SIZE = flags.DEFINE_integer(
     'and eval_size).')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', None,
                                    'Global batch size (config: batch_size).')
-_DTYPE = flags.DEFINE_enum('dtype', None, sorted(train.DTYPES),
+_DTYPE = flags.DEFINE_enum('dtype', None, sorted(precision.DTYPES),
                            'Compute dtype (config: dtype).')
 _STEPS = flags.DEFINE_integer('steps', None,
                               'Timed steps per round (config: '
@@ -95,7 +91,7 @@ def config_from_flags() -> ml_collections.ConfigDict:
     config.benchmark_steps = _STEPS.value
   if _WIDTH.value is not None:
     config.model.width_multiplier = _WIDTH.value
-  config_checks.validate(config, jax.local_device_count(), 1)
+  config_lib.validate(config, jax.local_device_count(), 1)
   return config
 
 
@@ -137,12 +133,6 @@ def peak_memory_bytes(devices) -> int | None:
   return None if None in peaks else max(peaks)
 
 
-def _inference_step(state: train.TrainState, images, *, normalize):
-  return state.apply_fn(
-      {'params': state.params, 'batch_stats': state.batch_stats},
-      normalize(images), train=False)
-
-
 class JaxBenchmark:
   """The project's train step and an inference step on one synthetic batch.
 
@@ -153,13 +143,9 @@ class JaxBenchmark:
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
     self.devices = jax.local_devices()
-    self.mesh = train.create_mesh(self.devices)
-    model = train.create_model(config, config.num_classes)
-    schedule = optim.create_learning_rate_schedule(config,
-                                                   steps_per_epoch=1000)
-    tx = optim.create_optimizer(config, schedule)
-    self.state = train.create_replicated_train_state(
-        jax.random.key(config.seed), config, model, tx, self.mesh)
+    self.mesh = sharding.create_mesh(self.devices)
+    run = build.training(config, self.mesh, steps_per_epoch=1000)
+    self.state = run.state
     self.inputs = {
         'train': synthetic_data.batch(
             self.mesh, config.batch_size, config.train_size,
@@ -169,12 +155,8 @@ class JaxBenchmark:
             config.num_classes, seed=1)['image'],
     }
     self.steps = {
-        'train': train.make_train_step(self.mesh, config, schedule),
-        'inference': jax.jit(jax.shard_map(
-            functools.partial(_inference_step,
-                              normalize=train.image_normalizer(config)),
-            mesh=self.mesh,
-            in_specs=(P(), P(train.DATA_AXIS)), out_specs=P(train.DATA_AXIS))),
+        'train': run.train_step,
+        'inference': steps.make_predict_step(self.mesh, config),
     }
 
   def compile(self) -> dict[str, dict[str, float]]:

@@ -7,11 +7,11 @@ TensorFlow. Needs only ml_collections besides JAX (on a machine without it,
 ``benchmarks/gpu_check.sh`` installs its wheel).
 """
 
-from configs import default
+from darknet53_jax import config_defaults
 
 
 def get_config():
-  config = default.get_config()
+  config = config_defaults.get_config()
   config.dataset = 'synthetic'
   config.num_classes = 1000
   config.train_size = 256

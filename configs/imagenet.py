@@ -8,8 +8,8 @@ training, eval resize 292 / centre crop 256, float16 with loss scaling from
 --config.lr_scaling=none.
 """
 
-from configs import default
+from darknet53_jax import config_defaults
 
 
 def get_config():
-  return default.get_config()
+  return config_defaults.get_config()

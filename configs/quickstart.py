@@ -4,11 +4,11 @@ Needs no download and trains, evaluates and checkpoints in a few minutes on
 a 2-core CPU.
 """
 
-from configs import default
+from darknet53_jax import config_defaults
 
 
 def get_config():
-  config = default.get_config()
+  config = config_defaults.get_config()
   config.dataset = 'sklearn_digits'
   config.eval_split = 'test'
   config.num_classes = 10

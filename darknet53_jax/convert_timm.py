@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from configs import default
 from darknet53_jax import checkpoints
+from darknet53_jax import config_defaults
 from darknet53_jax import model as model_lib
 
 FLAGS = flags.FLAGS
@@ -186,8 +186,8 @@ def read_state_dict(path: str) -> Mapping[str, Any]:
 
 
 def timm_config(model: model_lib.Darknet53) -> ml_collections.ConfigDict:
-  """configs/default.py set to ``model`` and timm's eval protocol."""
-  config = default.get_config()
+  """``config_defaults`` set to ``model`` and timm's eval protocol."""
+  config = config_defaults.get_config()
   config.num_classes = model.num_classes
   config.model.activation = model.activation
   config.model.negative_slope = model.negative_slope

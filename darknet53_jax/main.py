@@ -21,12 +21,13 @@ import jax
 from ml_collections import config_flags
 
 from darknet53_jax import checkpoints
-from darknet53_jax import config_checks
+from darknet53_jax import config_lib
 from darknet53_jax import distributed
 from darknet53_jax import input_pipeline
+from darknet53_jax import precision
 from darknet53_jax import preemption
 from darknet53_jax import runtime
-from darknet53_jax import trainer
+from darknet53_jax import train_loop
 # pylint: enable=g-import-not-at-top,wrong-import-position,g-bad-import-order
 
 FLAGS = flags.FLAGS
@@ -41,8 +42,8 @@ config_flags.DEFINE_config_file('config', None, 'Path to a config file.',
                                 lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])
 
-FATAL_ERRORS = (config_checks.ConfigError, input_pipeline.DataError,
-                checkpoints.CheckpointError, trainer.DivergedError)
+FATAL_ERRORS = (config_lib.ConfigError, input_pipeline.DataError,
+                checkpoints.CheckpointError, precision.DivergedError)
 
 
 def _load_config():
@@ -62,7 +63,7 @@ def _load_config():
 def _exit_with_config_error(error: Exception):
   reason = ' '.join(str(error).split()) or type(error).__name__
   if isinstance(error, (AttributeError, KeyError)):
-    sys.exit(f'error: unknown config key {reason}: see configs/default.py '
+    sys.exit(f'error: unknown config key {reason}: see darknet53_jax/config_defaults.py '
              'and the README for the fields.')
   sys.exit(f'error: cannot load --config and its overrides: '
            f'{type(error).__name__}: {reason}')
@@ -101,10 +102,10 @@ def main(argv):
                jax.default_backend())
   try:
     if FLAGS.eval_only:
-      trainer.evaluate_checkpoint(config, FLAGS.workdir,
+      train_loop.evaluate_checkpoint(config, FLAGS.workdir,
                                   FLAGS.checkpoint)
     else:
-      trainer.train_and_evaluate(config, FLAGS.workdir)
+      train_loop.train_and_evaluate(config, FLAGS.workdir)
   except FATAL_ERRORS as e:
     logging.error('%s', e)
     sys.exit(f'error: {e}')

@@ -20,10 +20,11 @@ import tensorflow as tf
 # tensorflow-datasets ships ImageNet's 1000 readable class names with SI-Score.
 from tensorflow_datasets.datasets.siscore import labels as imagenet_labels
 
+from darknet53_jax import build
 from darknet53_jax import checkpoints
 from darknet53_jax import input_pipeline
 from darknet53_jax import model as model_lib
-from darknet53_jax import train
+from darknet53_jax import steps
 
 FLAGS = flags.FLAGS
 IMAGENET_CLASSES = 1000
@@ -51,7 +52,7 @@ def load_inference_model(
   config = checkpoints.load_config(checkpoint)
   config.dtype = 'float32'
   variables = checkpoints.load_variables(checkpoint)
-  return config, train.create_model(config, config.num_classes), variables
+  return config, build.create_model(config), variables
 
 
 def class_names(config: ml_collections.ConfigDict) -> list[str]:
@@ -88,7 +89,7 @@ def predict_files(checkpoint: str, paths: list[str]) -> int:
   """Prints each image's top classes; returns how many files failed."""
   config, model, variables = load_inference_model(checkpoint)
   names = class_names(config)
-  normalize = train.image_normalizer(config)
+  normalize = steps.image_normalizer(config)
   probabilities = jax.jit(
       lambda v, images: jax.nn.softmax(model.apply(v, normalize(images))))
   failed = 0

@@ -8,9 +8,9 @@ checks measure the model and not the host or the transfer.
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
-from darknet53_jax import train
+from darknet53_jax import sharding
 
 
 def batch(mesh: Mesh, batch_size: int, image_size: int, num_classes: int,
@@ -29,10 +29,10 @@ def batch(mesh: Mesh, batch_size: int, image_size: int, num_classes: int,
     ``{'image': uint8 [batch_size, image_size, image_size, 3] uniform,
     'label': int32 [batch_size]}``, plus ``'mask': int32 [batch_size]``.
   """
-  if batch_size % mesh.shape[train.DATA_AXIS]:
+  if batch_size % mesh.shape[sharding.DATA_AXIS]:
     raise ValueError(f'batch_size={batch_size} is not a multiple of the '
-                     f'{mesh.shape[train.DATA_AXIS]} devices on the '
-                     f'{train.DATA_AXIS!r} axis.')
+                     f'{mesh.shape[sharding.DATA_AXIS]} devices on the '
+                     f'{sharding.DATA_AXIS!r} axis.')
 
   def make(key):
     image_key, label_key = jax.random.split(key)
@@ -47,8 +47,8 @@ def batch(mesh: Mesh, batch_size: int, image_size: int, num_classes: int,
       fields['mask'] = jnp.ones((batch_size,), jnp.int32)
     return fields
 
-  sharding = NamedSharding(mesh, P(train.DATA_AXIS))
-  return jax.jit(make, out_shardings=sharding)(jax.random.key(seed))
+  return jax.jit(make, out_shardings=sharding.split_batch(mesh))(
+      jax.random.key(seed))
 
 
 def batches(mesh: Mesh, count: int, batch_size: int, image_size: int,

@@ -7,7 +7,6 @@ the programs, then runs 16-bit train steps on 4 devices and on 1.
 
 import collections
 import json
-import os
 import re
 import subprocess
 import sys
@@ -17,13 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from darknet53_jax import model as model_lib  # noqa: E402
-from darknet53_jax import optim  # noqa: E402
-from darknet53_jax import train  # noqa: E402
-from tests import conftest  # noqa: E402
+from darknet53_jax import build
+from darknet53_jax import model as model_lib
+from darknet53_jax import sharding
+from tests import conftest
 
 DEVICES = 4
 PLATFORMS = ('cuda', 'tpu')
@@ -62,37 +58,25 @@ def _config(dtype: str, sync_batch_norm: bool, cpu_matmul_convs=False):
   return config
 
 
-def _abstract(tree, sharding):
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-      tree)
-
-
 def lower_steps(config) -> dict:
   """The train and eval steps' StableHLO for each platform, lowered on the
   mesh of every device here, with the params' shapes."""
-  mesh = train.create_mesh()
-  model = train.create_model(config, num_classes=10)
-  schedule = optim.create_learning_rate_schedule(config, steps_per_epoch=10)
-  tx = optim.create_optimizer(config, schedule)
-  state = jax.eval_shape(lambda: train.create_train_state(
-      jax.random.key(0), config, model, tx))
-  step = train.make_train_step(mesh, config, schedule)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  split = jax.sharding.NamedSharding(mesh,
-                                     jax.sharding.PartitionSpec('data'))
-  state = _abstract(state, replicated)
-  batch = _abstract(conftest.random_batches(config, 1)[0], split)
+  mesh = sharding.create_mesh()
+  run = build.training(config, mesh, steps_per_epoch=10, abstract=True)
+  state = run.state
+  split = sharding.split_batch(mesh)
+  batch = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=split),
+      conftest.random_batches(config, 1)[0])
   eval_batch = {**{k: batch[k] for k in ('image', 'label')},
                 'mask': jax.ShapeDtypeStruct(batch['label'].shape, jnp.bool_,
                                              sharding=split)}
-  eval_step = train.make_eval_step(mesh, config)
   programs = {}
   for platform in PLATFORMS:
-    programs[f'train/{platform}'] = step.trace(state, batch).lower(
+    programs[f'train/{platform}'] = run.train_step.trace(state, batch).lower(
         lowering_platforms=(platform,)).as_text()
-    programs[f'eval/{platform}'] = eval_step.trace(state, eval_batch).lower(
-        lowering_platforms=(platform,)).as_text()
+    programs[f'eval/{platform}'] = run.eval_step.trace(
+        state, eval_batch).lower(lowering_platforms=(platform,)).as_text()
   shapes = ['x'.join(map(str, p.shape)) + 'xf32'
             for p in jax.tree.leaves(state.params)]
   return {'programs': programs, 'param_shapes': shapes}
@@ -120,11 +104,12 @@ def lowering_checks() -> dict:
 
 def _float16_run(config, devices, batches):
   """The update of the first step, and which steps were skipped."""
-  mesh, state, step = conftest.train_setup(config, devices)
+  mesh, run = conftest.train_setup(config, devices)
+  state = run.state
   initial = jax.device_get(state.params)
   skipped = []
   for batch in batches:
-    state, metrics = step(state, train.global_batch(mesh, batch))
+    state, metrics = run.train_step(state, sharding.global_batch(mesh, batch))
     skipped.append(int(metrics['finite'] == 0))
     if len(skipped) == 1:
       update = jax.tree.map(np.subtract, jax.device_get(state.params), initial)
@@ -157,7 +142,8 @@ def numerical_checks() -> dict:
 def four_device_results():
   env = conftest.subprocess_env(DEVICES)
   result = subprocess.run(
-      [sys.executable, os.path.abspath(__file__)], env=env, cwd=REPO,
+      [sys.executable, '-m', 'tests.accelerators_test'], env=env,
+      cwd=conftest.REPO,
       capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   return json.loads(result.stdout.strip().splitlines()[-1])

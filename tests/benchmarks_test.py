@@ -38,7 +38,7 @@ def timm_available():
 
 def test_throughput_prints_table_and_json(tmp_path):
   path = tmp_path / 'throughput.json'
-  result = _run([sys.executable, 'benchmarks/throughput.py', *TINY_FLAGS,
+  result = _run([sys.executable, '-m', 'benchmarks.throughput', *TINY_FLAGS,
                  f'--json={path}'])
   assert result.returncode == 0, result.stderr[-3000:]
   for row in ('| images/s |', '| step time (ms) |', '| compile time (s) |',
@@ -80,7 +80,7 @@ def test_gpu_check_small_mode_on_cpu(tmp_path):
 
 
 def test_conv_layers_prints_one_row_per_layer_and_the_network():
-  result = _run([sys.executable, 'benchmarks/conv_layers.py',
+  result = _run([sys.executable, '-m', 'benchmarks.conv_layers',
                  '--batch_size=1', '--image_size=32', '--rounds=1'],
                 JAX_PLATFORMS='cpu')
   assert result.returncode == 0, result.stderr[-3000:]

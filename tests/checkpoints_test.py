@@ -5,18 +5,13 @@ import numpy as np
 import pytest
 
 from darknet53_jax import checkpoints
-from darknet53_jax import optim
-from darknet53_jax import train
 from tests import conftest
 
 
 def _state(config, num_classes=10):
-  mesh = train.create_mesh(jax.devices()[:1])
-  model = train.create_model(config, num_classes)
-  tx = optim.create_optimizer(
-      config, optim.create_learning_rate_schedule(config, 10))
-  return train.create_replicated_train_state(jax.random.key(0), config,
-                                             model, tx, mesh)
+  config = config.copy_and_resolve_references()
+  config.num_classes = num_classes
+  return conftest.train_setup(config, jax.devices()[:1])[1].state
 
 
 @pytest.fixture(name='saved')
@@ -38,9 +33,8 @@ def test_restore_round_trips_every_field(saved):
   manager.close()
   assert int(restored.step) == 7
   assert float(restored.dynamic_scale.scale) == config.loss_scale
-  for x, y in zip(jax.tree.leaves(jax.device_get(state)),
-                  jax.tree.leaves(jax.device_get(restored))):
-    np.testing.assert_array_equal(x, y)
+  conftest.assert_trees_equal(jax.device_get(restored),
+                              jax.device_get(state))
 
 
 def test_restore_into_another_shape_is_a_clear_error(saved):

@@ -4,14 +4,12 @@ data, prepared once."""
 import atexit
 import os
 import shutil
-import sys
 import tempfile
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-  sys.path.insert(0, REPO)  # For `from configs import ...` in configs.
+QUICKSTART = os.path.join(REPO, 'configs', 'quickstart.py')
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # Quick compiles: XLA:CPU's LLVM optimisations take most of the compile time
@@ -40,15 +38,15 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
+from darknet53_jax import build  # noqa: E402
 from darknet53_jax import checkpoints  # noqa: E402
-from darknet53_jax import optim  # noqa: E402
-from darknet53_jax import train  # noqa: E402
+from darknet53_jax import config_lib  # noqa: E402
+from darknet53_jax import sharding  # noqa: E402
 
 
 def tiny_config(data_dir=None):
   """The quick start shrunk to seconds: 1-block stages, 1/8 width, 2 epochs."""
-  from configs import quickstart  # pylint: disable=g-import-not-at-top
-  config = quickstart.get_config()
+  config = config_lib.load_file(QUICKSTART)
   config.data_dir = data_dir
   config.model.width_multiplier = 0.125
   config.model.stage_depths = (1, 1, 1, 1, 1)
@@ -74,15 +72,10 @@ def subprocess_env(devices: int | None = None) -> dict:
   return env
 
 
-def train_setup(config, devices, num_classes=10, steps_per_epoch=10):
-  """(mesh, replicated train state, jitted train step) on ``devices``."""
-  mesh = train.create_mesh(devices)
-  model = train.create_model(config, num_classes)
-  schedule = optim.create_learning_rate_schedule(config, steps_per_epoch)
-  tx = optim.create_optimizer(config, schedule)
-  state = train.create_replicated_train_state(jax.random.key(0), config,
-                                              model, tx, mesh)
-  return mesh, state, train.make_train_step(mesh, config, schedule)
+def train_setup(config, devices, steps_per_epoch=10):
+  """(mesh, ``build.training`` of ``config`` on ``devices``)."""
+  mesh = sharding.create_mesh(devices)
+  return mesh, build.training(config, mesh, steps_per_epoch)
 
 
 def random_batches(config, count, seed=0, num_classes=10):
@@ -97,15 +90,31 @@ def random_batches(config, count, seed=0, num_classes=10):
 
 def train_steps(config, devices, batches):
   """The params and BatchNorm statistics after training on ``batches``."""
-  mesh, state, step = train_setup(config, devices)
+  mesh, run = train_setup(config, devices)
+  state = run.state
   for batch in batches:
-    state, _ = step(state, train.global_batch(mesh, batch))
+    state, _ = run.train_step(state, sharding.global_batch(mesh, batch))
   return jax.device_get({'params': state.params,
                          'batch_stats': state.batch_stats})
 
 
+def _paths(tree) -> list[str]:
+  return [jax.tree_util.keystr(path)
+          for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def assert_trees_equal(got, want) -> None:
+  """The same leaf paths, not none, and bitwise-equal leaves."""
+  assert _paths(got) == _paths(want)
+  assert jax.tree.leaves(want), 'an empty tree proves nothing'
+  for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(x, y)
+
+
 def max_relative_difference(a, b) -> float:
-  """The largest leaf-wise max |a - b| / max |b| over two pytrees."""
+  """The largest leaf-wise max |a - b| / max |b| over two pytrees of the
+  same leaf paths."""
+  assert _paths(a) == _paths(b)
   diffs = jax.tree.map(
       lambda x, y: float(np.max(np.abs(x - y)) / (np.max(np.abs(y)) + 1e-12)),
       a, b)
@@ -115,11 +124,9 @@ def max_relative_difference(a, b) -> float:
 def main_flags(config: ml_collections.ConfigDict) -> list[str]:
   """``--config`` and the overrides that make ``main`` run ``config`` (a
   changed quick start, such as ``tiny_config``)."""
-  from configs import quickstart  # pylint: disable=g-import-not-at-top
-  from darknet53_jax import trainer  # pylint: disable=g-import-not-at-top
-  base = trainer.flat_config(quickstart.get_config().to_dict())
-  wanted = trainer.flat_config(config.to_dict())
-  return ['--config=configs/quickstart.py'] + [
+  base = config_lib.flat_config(config_lib.load_file(QUICKSTART).to_dict())
+  wanted = config_lib.flat_config(config.to_dict())
+  return [f'--config={QUICKSTART}'] + [
       f'--config.{key}={value}' for key, value in sorted(wanted.items())
       if base.get(key) != value]
 
@@ -146,7 +153,7 @@ def write_checkpoint(directory: str, config: ml_collections.ConfigDict,
                      step: int = 1) -> dict:
   """Saves a random model of ``config`` as a train run would; returns its
   variables."""
-  model = train.create_model(config, config.num_classes)
+  model = build.create_model(config)
   variables = random_variables(model, config.eval_size)
   manager = checkpoints.CheckpointManager(directory)
   manager.save(step, variables, config)

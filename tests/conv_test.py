@@ -178,7 +178,8 @@ def test_darknet53_logits_and_gradients_equal_xla_convolutions():
       logits_and_gradients, cpu_matmul_convs=False), images)
   assert _relative_difference(logits, logits_64) < 5e-5
   leaves, _ = jax.tree_util.tree_flatten_with_path(grads)
-  for (path, g), g_64 in zip(leaves, jax.tree.leaves(grads_64)):
+  assert jax.tree.structure(grads) == jax.tree.structure(grads_64)
+  for (path, g), g_64 in zip(leaves, jax.tree.leaves(grads_64), strict=True):
     assert _relative_difference(g, g_64) < 5e-5, jax.tree_util.keystr(path)
 
 

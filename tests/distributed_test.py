@@ -24,11 +24,10 @@ import time
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from darknet53_jax import distributed
+from tests import conftest
 
-from darknet53_jax import distributed  # noqa: E402
-from tests import conftest  # noqa: E402
+REPO = conftest.REPO
 
 NUM_PROCESSES = 2
 DEVICES_PER_PROCESS = 2
@@ -83,33 +82,29 @@ def _flat_arrays(variables: dict) -> dict[str, np.ndarray]:
 def reference_run(data_dir: str, output: str) -> None:
   """Trains like the two-process run, on one process and all its devices.
 
-  Mirrors ``trainer.train_and_evaluate`` with process_count 2: the same
+  Mirrors ``train_loop.train_and_evaluate`` with process_count 2: the same
   schedule, initial state and per-process streams, concatenated in process
   order (the order of ``jax.devices()`` in the two-process run).
   """
   import jax  # pylint: disable=g-import-not-at-top
   from darknet53_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from darknet53_jax import optim  # pylint: disable=g-import-not-at-top
-  from darknet53_jax import train  # pylint: disable=g-import-not-at-top
+  from darknet53_jax import build  # pylint: disable=g-import-not-at-top
+  from darknet53_jax import sharding  # pylint: disable=g-import-not-at-top
   config = _config(data_dir)
   builder = input_pipeline.get_builder(config)
   local_batch = config.batch_size // NUM_PROCESSES
   steps = input_pipeline.train_steps_per_epoch(builder, config, local_batch,
                                                NUM_PROCESSES)
-  schedule = optim.create_learning_rate_schedule(config, steps)
-  mesh = train.create_mesh()
-  state = train.create_replicated_train_state(
-      jax.random.key(config.seed), config,
-      train.create_model(config, config.num_classes),
-      optim.create_optimizer(config, schedule), mesh)
-  step_fn = train.make_train_step(mesh, config, schedule)
+  mesh = sharding.create_mesh()
+  run = build.training(config, mesh, steps)
+  state = run.state
   streams = [input_pipeline.create_train_iterator(
       builder, config, local_batch, 0, i, NUM_PROCESSES)
              for i in range(NUM_PROCESSES)]
   for _ in range(steps * config.num_epochs):
     parts = [next(s) for s in streams]
     batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    state, _ = step_fn(state, train.global_batch(mesh, batch))
+    state, _ = run.train_step(state, sharding.global_batch(mesh, batch))
   np.savez(output, devices=len(jax.devices()), **_flat_arrays(
       jax.device_get({'params': state.params,
                       'batch_stats': state.batch_stats})))
@@ -152,8 +147,8 @@ def two_process_run(digits_data_dir, tmp_path_factory):
       f'--num_processes={NUM_PROCESSES}', '--distributed_timeout=120']
   runs = [(_main(*common, f'--process_id={i}'), conftest.subprocess_env(DEVICES_PER_PROCESS))
           for i in range(NUM_PROCESSES)]
-  runs.append(([sys.executable, os.path.abspath(__file__), digits_data_dir,
-                reference], conftest.subprocess_env(NUM_PROCESSES * DEVICES_PER_PROCESS)))
+  runs.append(([sys.executable, '-m', 'tests.distributed_test',
+                digits_data_dir, reference], conftest.subprocess_env(NUM_PROCESSES * DEVICES_PER_PROCESS)))
   start = time.perf_counter()
   returncodes, logs = _run_processes(runs, RUN_TIMEOUT_S)
   print(f'two-process training and reference: '

@@ -7,7 +7,7 @@ import tensorflow_datasets as tfds
 
 from darknet53_jax import input_pipeline
 from darknet53_jax import prepare_data
-from darknet53_jax import trainer
+from darknet53_jax import train_loop
 from tests import conftest
 from tests import fake_imagenet
 
@@ -92,7 +92,7 @@ def test_train_and_evaluate_on_imagenet(imagenet, tmp_path, caplog):
   config.batch_size = 8
   config.num_epochs = 1
   config.shuffle_buffer = 64
-  metrics = trainer.train_and_evaluate(config, str(tmp_path))
+  metrics = train_loop.train_and_evaluate(config, str(tmp_path))
   assert metrics['num_examples'] == len(fake.val_synsets) - 1
   assert np.isfinite(metrics['loss'])
   assert 'validation (eval): 1 corrupt image(s) skipped' in caplog.text

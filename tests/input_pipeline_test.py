@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from configs import default
+from darknet53_jax import config_defaults
 from darknet53_jax import input_pipeline
 from tests import conftest
 
@@ -110,7 +110,7 @@ def test_train_processes_read_disjoint_even_shares(digits_data_dir):
 
 
 def test_preprocess_train_is_seeded_uint8_with_jitter_factors():
-  config = default.get_config()
+  config = config_defaults.get_config()
   config.train_size = 64
   image = tf.io.encode_jpeg(tf.random.stateless_uniform(
       [75, 100, 3], [0, 0], 0, 256, tf.int32).numpy().astype(np.uint8))
@@ -130,7 +130,7 @@ def test_preprocess_train_is_seeded_uint8_with_jitter_factors():
 
 
 def test_random_crop_window_follows_torchvision():
-  config = default.get_config()
+  config = config_defaults.get_config()
   crop_window = input_pipeline._random_crop_window  # pylint: disable=protected-access
   windows = tf.data.Dataset.range(300).map(lambda i: tf.stack(crop_window(
       tf.constant([375, 500]), tf.stack([i, i]), config)))
@@ -162,7 +162,7 @@ def test_eval_resize_size(eval_size, crop_pct, expected):
 
 @pytest.mark.parametrize('interpolation', ['bilinear', 'bicubic'])
 def test_eval_resizes_shorter_side_and_crops_the_centre(interpolation):
-  config = default.get_config()
+  config = config_defaults.get_config()
   config.eval_size, config.eval_crop_pct = 64, 0.8  # Resize to 80, crop 64.
   config.interpolation = interpolation
   # Red is the column index of a 200x400 image, green the row index.
@@ -185,7 +185,7 @@ def test_eval_resizes_shorter_side_and_crops_the_centre(interpolation):
 @pytest.mark.parametrize('interpolation', ['bilinear', 'bicubic'])
 @pytest.mark.parametrize('height,width', [(375, 500), (500, 333), (17, 300)])
 def test_eval_equals_resize_then_centre_crop(interpolation, height, width):
-  config = default.get_config()
+  config = config_defaults.get_config()
   config.interpolation = interpolation
   image = tf.random.stateless_uniform([height, width, 3], [1, 2], 0, 256,
                                       tf.int32)

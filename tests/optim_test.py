@@ -5,12 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default
+from darknet53_jax import config_defaults
 from darknet53_jax import optim
 
 
 def _config(**overrides):
-  config = default.get_config()
+  config = config_defaults.get_config()
   config.update(overrides)
   return config
 

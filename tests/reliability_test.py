@@ -1,19 +1,16 @@
 """Preemption, crashes, damaged checkpoints and divergence."""
 
 import logging
-import os
 import random
 import signal
 import subprocess
 import sys
 import time
 
-import jax
-import numpy as np
 import pytest
 
 from darknet53_jax import checkpoints
-from darknet53_jax import trainer
+from darknet53_jax import train_loop
 from tests import conftest
 
 EPOCHS = 3
@@ -57,13 +54,8 @@ def _finish(data_dir, workdir):
 def reference_params(digits_data_dir, tmp_path_factory):
   """Parameters of an uninterrupted run of the same config."""
   workdir = tmp_path_factory.mktemp('uninterrupted')
-  trainer.train_and_evaluate(_config(digits_data_dir), str(workdir))
+  train_loop.train_and_evaluate(_config(digits_data_dir), str(workdir))
   return checkpoints.load_variables(str(workdir))
-
-
-def _assert_same(a, b):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(x, y)
 
 
 def test_sigterm_checkpoints_the_current_step_and_resumes(
@@ -80,7 +72,7 @@ def test_sigterm_checkpoints_the_current_step_and_resumes(
   assert f'Resumed from step {stopped_at}' in _finish(digits_data_dir,
                                                       tmp_path)
   assert checkpoints.checkpoint_step(str(tmp_path)) == STEPS
-  _assert_same(checkpoints.load_variables(str(tmp_path)), reference_params)
+  conftest.assert_trees_equal(checkpoints.load_variables(str(tmp_path)), reference_params)
 
 
 @pytest.mark.parametrize('seed', [0, 1])
@@ -94,21 +86,21 @@ def test_sigkill_at_a_random_moment_resumes_from_a_complete_checkpoint(
   err = _finish(digits_data_dir, tmp_path)
   assert 'Traceback' not in err
   assert checkpoints.checkpoint_step(str(tmp_path)) == STEPS
-  _assert_same(checkpoints.load_variables(str(tmp_path)), reference_params)
+  conftest.assert_trees_equal(checkpoints.load_variables(str(tmp_path)), reference_params)
 
 
 def test_damaged_latest_checkpoint_is_skipped(digits_data_dir, tmp_path,
                                               caplog):
   caplog.set_level(logging.INFO, logger='absl')
   config = conftest.tiny_config(digits_data_dir)
-  trainer.train_and_evaluate(config, str(tmp_path), stop_at_step=13)
+  train_loop.train_and_evaluate(config, str(tmp_path), stop_at_step=13)
   directory = tmp_path / 'checkpoints'
   assert sorted(int(p.name) for p in directory.iterdir()
                 if p.name.isdigit()) == [11, 13]
   for path in (directory / '13' / 'state').rglob('*'):
     if path.is_file() and path.stat().st_size > 1000:
       path.write_bytes(path.read_bytes()[:100])  # Truncate the arrays.
-  trainer.train_and_evaluate(config, str(tmp_path), stop_at_step=14)
+  train_loop.train_and_evaluate(config, str(tmp_path), stop_at_step=14)
   assert 'Skipping unreadable checkpoint' in caplog.text
   assert 'Resumed from step 11' in caplog.text
   assert checkpoints.checkpoint_step(str(tmp_path)) == 14
@@ -121,6 +113,6 @@ def test_diverging_float32_run_stops_with_a_clear_error(digits_data_dir,
   config.warmup_epochs = 0
   config.max_consecutive_nonfinite_steps = 3
   config.log_every_steps = 1
-  with pytest.raises(trainer.DivergedError, match='non-finite'):
-    trainer.train_and_evaluate(config, str(tmp_path))
+  with pytest.raises(train_loop.DivergedError, match='non-finite'):
+    train_loop.train_and_evaluate(config, str(tmp_path))
   assert not (tmp_path / 'checkpoints' / '22').exists()

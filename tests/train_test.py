@@ -1,30 +1,26 @@
-"""Tests for darknet53_jax.train: sharded steps, loss scaling, exact eval.
+"""Tests for darknet53_jax.steps and .precision: sharded steps, loss
+scaling, exact eval.
 
-The multi-device checks run this file as a script in a subprocess with
+The multi-device checks run this file as a module in a subprocess with
 8 forced CPU devices (XLA reads the device count once, at start-up).
 """
 
 import json
-import os
 import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from darknet53_jax import train  # noqa: E402
-from tests import conftest  # noqa: E402
+from darknet53_jax import sharding
+from tests import conftest
 
 
 def multidevice_checks(data_dir: str) -> dict:
   """Runs with 8 devices; returns the numbers the tests assert on."""
   from darknet53_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from darknet53_jax import trainer  # pylint: disable=g-import-not-at-top
+  from darknet53_jax import train_loop  # pylint: disable=g-import-not-at-top
   config = conftest.tiny_config(data_dir)
   config.batch_size = 16
   # 2x2 final maps: BatchNorm normalises 64 values per channel, not 16.
@@ -35,10 +31,10 @@ def multidevice_checks(data_dir: str) -> dict:
   on_eight = conftest.train_steps(config, devices, batches)
   on_one = conftest.train_steps(config, devices[:1], batches)
 
-  mesh, state, _ = conftest.train_setup(config, devices)
+  mesh, run = conftest.train_setup(config, devices)
   builder = input_pipeline.get_builder(config)
-  metrics = trainer.evaluate(state, train.make_eval_step(mesh, config), mesh,
-                             builder, config, 'test[:37]')
+  metrics = train_loop.evaluate(run.state, run.eval_step, mesh, builder,
+                                config, 'test[:37]')
   return {'devices': len(devices),
           'max_relative_difference': conftest.max_relative_difference(
               on_eight, on_one),
@@ -49,8 +45,8 @@ def multidevice_checks(data_dir: str) -> dict:
 def eight_device_results(digits_data_dir):
   env = conftest.subprocess_env(devices=8)
   result = subprocess.run(
-      [sys.executable, os.path.abspath(__file__), digits_data_dir],
-      env=env, cwd=REPO, capture_output=True, text=True, timeout=600,
+      [sys.executable, '-m', 'tests.train_test', digits_data_dir],
+      env=env, cwd=conftest.REPO, capture_output=True, text=True, timeout=600,
       check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   return json.loads(result.stdout.strip().splitlines()[-1])
@@ -79,30 +75,29 @@ def _fp16_config():
 
 def test_non_finite_step_changes_nothing_and_halves_scale():
   config = _fp16_config()
-  mesh, state, step = conftest.train_setup(config, jax.devices()[:1])
+  mesh, run = conftest.train_setup(config, jax.devices()[:1])
+  step = run.train_step
   first = conftest.random_batches(config, 1)[0]
-  state, _ = step(state, train.global_batch(mesh, first))
+  state, _ = step(run.state, sharding.global_batch(mesh, first))
   before = jax.device_get(state)
   bad = conftest.random_batches(config, 1, seed=1)[0]
   bad['color_jitter'] = np.ones((config.batch_size, 3), np.float32)
   bad['color_jitter'][0, 0] = np.nan  # A NaN image.
-  state, metrics = step(state, train.global_batch(mesh, bad))
+  state, metrics = step(state, sharding.global_batch(mesh, bad))
   after = jax.device_get(state)
   assert float(metrics['finite']) == 0.0
   for name in ('params', 'batch_stats', 'opt_state'):
-    for x, y in zip(jax.tree.leaves(getattr(before, name)),
-                    jax.tree.leaves(getattr(after, name))):
-      np.testing.assert_array_equal(x, y)
+    conftest.assert_trees_equal(getattr(after, name), getattr(before, name))
   assert float(after.dynamic_scale.scale) == 512.0
   assert int(after.step) == int(before.step) + 1
 
 
 def test_loss_scale_doubles_after_growth_interval_finite_steps():
   config = _fp16_config()
-  mesh, state, step = conftest.train_setup(config, jax.devices()[:1])
-  scales = []
+  mesh, run = conftest.train_setup(config, jax.devices()[:1])
+  state, scales = run.state, []
   for batch in conftest.random_batches(config, 4):
-    state, metrics = step(state, train.global_batch(mesh, batch))
+    state, metrics = run.train_step(state, sharding.global_batch(mesh, batch))
     assert float(metrics['finite']) == 1.0
     scales.append(float(metrics['loss_scale']))
   # growth_interval=2: two finite steps at 1024, the third doubles it.
@@ -111,10 +106,11 @@ def test_loss_scale_doubles_after_growth_interval_finite_steps():
 
 def test_float16_step_trains():
   config = _fp16_config()
-  mesh, state, step = conftest.train_setup(config, jax.devices()[:1])
-  initial = jax.device_get(state.params)
+  mesh, run = conftest.train_setup(config, jax.devices()[:1])
+  initial = jax.device_get(run.state.params)
   batch = conftest.random_batches(config, 1)[0]
-  state, metrics = step(state, train.global_batch(mesh, batch))
+  state, metrics = run.train_step(run.state,
+                                  sharding.global_batch(mesh, batch))
   assert np.isfinite(float(metrics['loss']))
   assert conftest.max_relative_difference(jax.device_get(state.params),
                                           initial) > 0

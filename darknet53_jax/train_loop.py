@@ -1,12 +1,11 @@
 """The train-and-evaluate loop and checkpoint evaluation.
 
-Ties the input pipeline, the sharded steps, checkpoints and metric writers
-together; every process runs the same code on its own share of the data.
+Ties the input pipeline, the run that ``build`` assembles, checkpoints and
+metric writers together; every process runs the same code on its own share
+of the data.
 """
 
-import collections
 import time
-from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -18,19 +17,16 @@ from clu import metric_writers
 from clu import periodic_actions
 from etils import epath
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 
+from darknet53_jax import build
 from darknet53_jax import checkpoints
-from darknet53_jax import config_checks
+from darknet53_jax import config_lib
 from darknet53_jax import input_pipeline
-from darknet53_jax import optim
+from darknet53_jax import precision
 from darknet53_jax import preemption
 from darknet53_jax import runtime
-from darknet53_jax import train
-
-
-class DivergedError(RuntimeError):
-  """Too many consecutive steps with a non-finite loss or gradient."""
+from darknet53_jax import sharding
+from darknet53_jax import steps
 
 
 def _prepare_data(config):
@@ -60,24 +56,13 @@ def _resolve_num_classes(config, builder) -> ml_collections.ConfigDict:
   if config.num_classes == dataset_classes:
     return config
   if config.num_classes:
-    raise config_checks.ConfigError(
+    raise config_lib.ConfigError(
         f'config.num_classes={config.num_classes} but {config.dataset!r} has '
         f'{dataset_classes} classes: set --config.num_classes='
         f'{dataset_classes} (or 0, the dataset\'s count).')
   config = config.copy_and_resolve_references()
   config.num_classes = dataset_classes
   return config
-
-
-def _device_prefetch(batches: Iterator, mesh, size: int = 2) -> Iterator:
-  """Keeps ``size`` global batches in flight to the devices."""
-  queue = collections.deque()
-  for batch in batches:
-    queue.append(train.global_batch(mesh, batch))
-    if len(queue) >= size:
-      yield queue.popleft()
-  while queue:
-    yield queue.popleft()
 
 
 def evaluate(state, eval_step, mesh, builder, config,
@@ -88,7 +73,7 @@ def evaluate(state, eval_step, mesh, builder, config,
       builder, config, split, local_batch, jax.process_index(),
       jax.process_count())
   totals = None
-  for batch in _device_prefetch(iter(batches), mesh):
+  for batch in sharding.device_prefetch(iter(batches), mesh):
     sums = eval_step(state, batch)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
@@ -131,25 +116,23 @@ def _check_writable(workdir: str) -> None:
     probe.write_text('ok')
     probe.unlink()
   except OSError as e:
-    raise config_checks.ConfigError(
+    raise config_lib.ConfigError(
         f'Cannot write to --workdir={workdir} ({e.strerror or e}): choose a '
         'directory you can write to.') from None
 
 
 def _setup(config: ml_collections.ConfigDict, workdir: str):
-  """Validates the config and workdir and builds data, mesh and model.
+  """Validates the config and workdir, and prepares the data.
 
   Returns:
     (the config with ``num_classes`` 0 resolved to the dataset's class
-    count, the train builder, the eval sets, the mesh, the model).
+    count, the train builder, the eval sets, the mesh).
   """
-  config_checks.validate(config, jax.device_count(), jax.process_count())
+  config_lib.validate(config, jax.device_count(), jax.process_count())
   _check_writable(workdir)
   builder, eval_sets = _prepare_data(config)
   config = _resolve_num_classes(config, builder)
-  mesh = train.create_mesh()
-  model = train.create_model(config, config.num_classes)
-  return config, builder, eval_sets, mesh, model
+  return config, builder, eval_sets, sharding.create_mesh()
 
 
 def _load_replicated_variables(source: str, reference: dict, mesh) -> dict:
@@ -157,7 +140,7 @@ def _load_replicated_variables(source: str, reference: dict, mesh) -> dict:
   shapes and replicated over the mesh."""
   variables = checkpoints.load_variables(source)
   checkpoints.check_compatible(variables, reference, source)
-  return jax.device_put(variables, NamedSharding(mesh, P()))
+  return jax.device_put(variables, sharding.replicated(mesh))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -174,15 +157,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     The last evaluation metrics of this call (possibly empty if stopped
     early).
   """
-  config, builder, eval_sets, mesh, model = _setup(config, workdir)
+  config, builder, eval_sets, mesh = _setup(config, workdir)
   local_batch = config.batch_size // jax.process_count()
   steps_per_epoch = input_pipeline.train_steps_per_epoch(
       builder, config, local_batch, jax.process_count())
   total_steps = config.num_epochs * steps_per_epoch
-  schedule = optim.create_learning_rate_schedule(config, steps_per_epoch)
-  tx = optim.create_optimizer(config, schedule)
-  state = train.create_replicated_train_state(
-      jax.random.key(config.seed), config, model, tx, mesh)
+  run = build.training(config, mesh, steps_per_epoch)
+  state = run.state
 
   manager = checkpoints.CheckpointManager(
       checkpoints.workdir_checkpoints(workdir), config.max_checkpoints_to_keep)
@@ -201,18 +182,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   writer = _create_writer(workdir)
   if start_step == 0:
-    writer.write_hparams(flat_config(config.to_dict()))
-  train_step = train.make_train_step(mesh, config, schedule)
-  eval_step = train.make_eval_step(mesh, config)
-  batches = _device_prefetch(input_pipeline.create_train_iterator(
+    writer.write_hparams(config_lib.flat_config(config.to_dict()))
+  train_step, eval_step = run.train_step, run.eval_step
+  batches = sharding.device_prefetch(input_pipeline.create_train_iterator(
       builder, config, local_batch, start_step, jax.process_index(),
       jax.process_count()), mesh)
 
   hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps,
                                            writer=writer)]
   if config.profile_steps and jax.process_index() == 0:
+    # One profile, of the profile_steps steps after the first (compiling)
+    # one.
     hooks.append(periodic_actions.Profile(
-        logdir=workdir, num_profile_steps=config.profile_steps))
+        logdir=workdir, num_profile_steps=config.profile_steps,
+        profile_duration_ms=None, first_profile=start_step + 1,
+        every_secs=None))
 
   logging.info('Training %d steps (%d per epoch) from step %d on %d devices.',
                total_steps, steps_per_epoch, start_step, jax.device_count())
@@ -235,7 +219,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         hook(done)
       if done % config.log_every_steps == 0 or done == end_step:
         history = jax.device_get(pending)
-        nonfinite_run = _check_finite(history, nonfinite_run, done, config)
+        nonfinite_run = precision.count_nonfinite_run(
+            [m['finite'] for m in history], nonfinite_run, done, config)
         _write_train(writer, done, history, config,
                      time.perf_counter() - interval_start)
         pending, interval_start = [], time.perf_counter()
@@ -273,36 +258,6 @@ def _save_and_close(manager, step: int, state, config) -> None:
                manager.directory)
 
 
-def _check_finite(history: list, run: int, step: int, config) -> int:
-  """Updates the count of consecutive non-finite steps ending at ``step``.
-
-  float16 skips such steps through the loss scale; for float32 and bfloat16
-  they are skipped too (no parameter changes), but a long run of them means
-  the training has diverged and is stopped.
-  """
-  for metrics in history:
-    run = 0 if metrics['finite'] else run + 1
-  limit = config.max_consecutive_nonfinite_steps
-  if config.dtype != 'float16' and run >= limit:
-    raise DivergedError(
-        f'{run} consecutive steps up to step {step} had a non-finite loss or '
-        'gradient (the checkpoints hold the last good state): lower '
-        'config.learning_rate or use another config.dtype.')
-  return run
-
-
-def flat_config(tree: dict, prefix: str = '') -> dict:
-  """Nested config values as 'a.b' keys with scalar or string values."""
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(flat_config(value, f'{prefix}{key}.'))
-    else:
-      flat[prefix + key] = value if isinstance(
-          value, (bool, int, float, str)) else str(value)
-  return flat
-
-
 def _write_train(writer, step: int, history: list, config,
                  elapsed: float) -> None:
   """Averages the steps since the last write and writes them."""
@@ -322,19 +277,18 @@ def _write_train(writer, step: int, history: list, config,
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         checkpoint: str | None = None) -> dict[str, float]:
   """Evaluates a checkpoint (default: the workdir's latest); trains nothing."""
-  config, _, eval_sets, mesh, model = _setup(config, workdir)
+  config, _, eval_sets, mesh = _setup(config, workdir)
   source = checkpoint or str(checkpoints.workdir_checkpoints(workdir))
-  size = config.eval_size
-  reference = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
-                         train=False))
-  variables = _load_replicated_variables(source, dict(reference), mesh)
-  state = train.TrainState.create(
-      apply_fn=model.apply, params=variables['params'],
+  run = build.training(config, mesh, steps_per_epoch=1, abstract=True)
+  variables = _load_replicated_variables(
+      source, {'params': run.state.params,
+               'batch_stats': run.state.batch_stats}, mesh)
+  state = steps.TrainState.create(
+      apply_fn=run.model.apply, params=variables['params'],
       batch_stats=variables['batch_stats'], tx=optax.identity())
   step = checkpoints.checkpoint_step(source)
   writer = _create_writer(workdir)
-  metrics = _evaluate_all(state, train.make_eval_step(mesh, config), mesh,
-                          eval_sets, config, writer, step)
+  metrics = _evaluate_all(state, run.eval_step, mesh, eval_sets, config,
+                          writer, step)
   writer.flush()
   return metrics

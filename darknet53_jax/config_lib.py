@@ -1,17 +1,31 @@
-"""Checks a config once, before any work starts, with messages that say what
-to change."""
+"""Config files: loading one by path, checking a config once before any
+work starts (with messages that say what to change), and its flat form for
+hyperparameter logs and command lines."""
+
+import importlib.util
+import os
 
 import ml_collections
 
 from darknet53_jax import model as model_lib
 from darknet53_jax import optim
-from darknet53_jax import train
+from darknet53_jax import precision
 
 INTERPOLATIONS = ('bilinear', 'bicubic')
 
 
 class ConfigError(ValueError):
   """A config value that cannot work."""
+
+
+def load_file(path: str) -> ml_collections.ConfigDict:
+  """The ``get_config()`` of a config file such as ``configs/imagenet.py``,
+  from any working directory."""
+  name = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(f'_config_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def _require(ok: bool, message: str) -> None:
@@ -22,8 +36,9 @@ def _require(ok: bool, message: str) -> None:
 def validate(config: ml_collections.ConfigDict, device_count: int,
              process_count: int) -> None:
   """Raises ConfigError on the first value that cannot work."""
-  _require(config.dtype in train.DTYPES,
-           f'config.dtype={config.dtype!r}: use one of {sorted(train.DTYPES)}.')
+  _require(config.dtype in precision.DTYPES,
+           f'config.dtype={config.dtype!r}: use one of '
+           f'{sorted(precision.DTYPES)}.')
   _require(config.lr_scaling in optim.LR_SCALING_RULES,
            f'config.lr_scaling={config.lr_scaling!r}: use one of '
            f'{optim.LR_SCALING_RULES}.')
@@ -50,3 +65,15 @@ def validate(config: ml_collections.ConfigDict, device_count: int,
            f'config.batch_size={config.batch_size} does not divide over '
            f'{process_count} processes.')
   _require(config.num_epochs > 0, 'config.num_epochs must be positive.')
+
+
+def flat_config(tree: dict, prefix: str = '') -> dict:
+  """Nested config values as 'a.b' keys with scalar or string values."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(flat_config(value, f'{prefix}{key}.'))
+    else:
+      flat[prefix + key] = value if isinstance(
+          value, (bool, int, float, str)) else str(value)
+  return flat

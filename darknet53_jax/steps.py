@@ -1,10 +1,11 @@
-"""Train state and the data-parallel train and eval steps (no TensorFlow).
+"""The train state and the data-parallel train, eval and predict steps.
 
-Both steps run under ``jax.shard_map`` over a one-axis mesh named ``data``:
-each device sees its slice of the global batch, gradients are averaged across
-the axis, and BatchNorm batch statistics are either synchronised across the
-axis (``config.sync_batch_norm``, so N devices compute exactly what one device
-would on the same global batch) or per device and averaged after the step.
+Each step runs under ``jax.shard_map`` over the ``data`` mesh
+(``sharding``): each device sees its slice of the global batch, gradients
+are averaged across the axis, and BatchNorm batch statistics are either
+synchronised across the axis (``config.sync_batch_norm``, so N devices
+compute exactly what one device would on the same global batch) or per
+device and averaged after the step.
 """
 
 import functools
@@ -13,23 +14,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
-import optax
 from flax.training import dynamic_scale as dynamic_scale_lib
 from flax.training import train_state
 from jax import lax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
 from darknet53_jax import image_ops
-from darknet53_jax import model as model_lib
 from darknet53_jax import optim
-
-DATA_AXIS = 'data'
-# The smallest input the model takes: its parameters do not depend on the
-# image size, so initialising at it keeps init's forward pass cheap.
-INIT_SIZE = 32
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16,
-          'float16': jnp.float16}
+from darknet53_jax import precision
+from darknet53_jax.sharding import DATA_AXIS
 
 
 class TrainState(train_state.TrainState):
@@ -39,68 +32,11 @@ class TrainState(train_state.TrainState):
   dynamic_scale: dynamic_scale_lib.DynamicScale | None = None
 
 
-def create_mesh(devices=None) -> Mesh:
-  """A one-axis ``data`` mesh over all (or the given) devices."""
-  devices = jax.devices() if devices is None else devices
-  return jax.make_mesh((len(devices),), (DATA_AXIS,), devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,))
-
-
-def compute_dtype(config: ml_collections.ConfigDict):
-  if config.dtype not in DTYPES:
-    raise ValueError(f'config.dtype={config.dtype!r} is not one of '
-                     f'{sorted(DTYPES)}.')
-  return DTYPES[config.dtype]
-
-
-def create_model(config: ml_collections.ConfigDict,
-                 num_classes: int) -> model_lib.Darknet53:
-  """The Darknet-53 that ``config.model`` describes."""
-  m = config.model
-  return model_lib.Darknet53(
-      num_classes=num_classes, activation=m.activation,
-      negative_slope=m.negative_slope, width_multiplier=m.width_multiplier,
-      stage_depths=tuple(m.stage_depths), dtype=compute_dtype(config),
-      bn_momentum=m.bn_momentum, bn_epsilon=m.bn_epsilon,
-      bn_axis_name=DATA_AXIS if config.sync_batch_norm else None,
-      cpu_matmul_convs=m.cpu_matmul_convs)
-
-
-def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict,
-                       model: model_lib.Darknet53,
-                       tx: optax.GradientTransformation) -> TrainState:
-  """Initialises the variables, optimiser and (for float16) the loss scale."""
-  variables = model.init(
-      rng, jnp.zeros((1, INIT_SIZE, INIT_SIZE, 3), jnp.float32), train=False)
-  scale = None
-  if config.dtype == 'float16':
-    scale = dynamic_scale_lib.DynamicScale(
-        growth_factor=2.0, backoff_factor=0.5,
-        growth_interval=config.loss_scale_growth_interval,
-        scale=jnp.asarray(config.loss_scale, jnp.float32))
-  return TrainState.create(
-      apply_fn=model.apply, params=variables['params'],
-      batch_stats=variables['batch_stats'], tx=tx, dynamic_scale=scale)
-
-
-def create_replicated_train_state(rng, config, model, tx, mesh) -> TrainState:
-  """``create_train_state``, jitted and replicated over the mesh."""
-  init = functools.partial(create_train_state, config=config, model=model,
-                           tx=tx)
-  # It runs once: on CPUs, XLA's lowest optimisation level compiles it 3
-  # times faster (7 s instead of 20 s at the quick start's size), and moves
-  # its random values by at most one float32 ulp.
-  on_cpu = mesh.devices.flat[0].platform == 'cpu'
-  options = {'xla_backend_optimization_level': 0} if on_cpu else None
-  return jax.jit(init, out_shardings=NamedSharding(mesh, P())).lower(
-      rng).compile(options)(rng)
-
-
 def image_normalizer(config: ml_collections.ConfigDict):
   """``image_ops.normalize`` with the config's mean, std and dtype."""
   return functools.partial(image_ops.normalize, mean_rgb=config.mean_rgb,
                            std_rgb=config.std_rgb,
-                           dtype=compute_dtype(config))
+                           dtype=precision.compute_dtype(config))
 
 
 def train_step(state: TrainState, batch, *, learning_rate_fn,
@@ -137,8 +73,7 @@ def train_step(state: TrainState, batch, *, learning_rate_fn,
   metrics = {}
   if state.dynamic_scale is not None:
     grad_fn = state.dynamic_scale.value_and_grad(loss_fn, has_aux=True)
-    new_scale, finite, (loss, (logits, batch_stats)), grads = grad_fn(
-        state.params)
+    new_scale, _, (loss, (logits, batch_stats)), grads = grad_fn(state.params)
     metrics['loss_scale'] = new_scale.scale
   else:
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(
@@ -146,17 +81,8 @@ def train_step(state: TrainState, batch, *, learning_rate_fn,
     new_scale = None
   if not sync_batch_norm:
     batch_stats = lax.pmean(batch_stats, DATA_AXIS)
-  finite = jnp.isfinite(loss)
-  for g in jax.tree.leaves(grads):
-    finite &= jnp.all(jnp.isfinite(g))
-
-  # One branch over the whole update, not a jnp.where per leaf: with the
-  # selects XLA:CPU compiled the step in 65 s instead of 19 s at the quick
-  # start's size (docs/performance.md).
-  new_state = lax.cond(
-      finite,
-      lambda: state.apply_gradients(grads=grads, batch_stats=batch_stats),
-      lambda: state.replace(step=state.step + 1))
+  finite = precision.all_finite(loss, grads)
+  new_state = precision.apply_if_finite(state, finite, grads, batch_stats)
   new_state = new_state.replace(dynamic_scale=new_scale)
 
   top1 = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
@@ -167,11 +93,16 @@ def train_step(state: TrainState, batch, *, learning_rate_fn,
   return new_state, metrics
 
 
+def predict_step(state: TrainState, images, *, normalize):
+  """The logits of uint8 images, with BatchNorm's running statistics."""
+  return state.apply_fn(
+      {'params': state.params, 'batch_stats': state.batch_stats},
+      normalize(images), train=False)
+
+
 def eval_step(state: TrainState, batch, *, normalize):
   """Sums of loss, top-1 and top-5 hits over the examples with mask 1."""
-  logits = state.apply_fn(
-      {'params': state.params, 'batch_stats': state.batch_stats},
-      normalize(batch['image']), train=False)
+  logits = predict_step(state, batch['image'], normalize=normalize)
   mask = batch['mask'].astype(jnp.float32)
   labels = batch['label']
   loss = optim.cross_entropy(logits, labels)
@@ -209,9 +140,10 @@ def make_eval_step(mesh: Mesh, config: ml_collections.ConfigDict):
   return jax.jit(sharded)
 
 
-def global_batch(mesh: Mesh, local_batch) -> Any:
-  """Makes one global array per field from each process's local slice."""
-  sharding = NamedSharding(mesh, P(DATA_AXIS))
-  return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-      local_batch)
+def make_predict_step(mesh: Mesh, config: ml_collections.ConfigDict):
+  """The jitted, sharded predict step: (state, global uint8 images) ->
+  logits, split over the devices as the images are."""
+  step = functools.partial(predict_step, normalize=image_normalizer(config))
+  sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
+                          out_specs=P(DATA_AXIS))
+  return jax.jit(sharded)
