@@ -111,6 +111,7 @@ def main(argv):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from darknet53_jax import config_lib  # pylint: disable=g-import-not-at-top
   from darknet53_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from darknet53_jax.datasets import registry  # pylint: disable=g-import-not-at-top
 
   with tempfile.TemporaryDirectory(prefix='pipeline_benchmark_') as workdir:
     encoded = _write_images(os.path.join(workdir, 'images'), FLAGS.num_images)
@@ -120,8 +121,8 @@ def main(argv):
     config.data_dir = os.path.join(workdir, 'tfds')
     config.dataset = f'image_folder:{workdir}/images'
     config.shuffle_buffer = FLAGS.num_images
-    builder = input_pipeline.get_builder(config)
-    input_pipeline.ensure_prepared(builder)
+    builder = registry.get_builder(config)
+    registry.ensure_prepared(builder)
     timm = config.copy_and_resolve_references()
     timm.eval_crop_pct, timm.interpolation = 0.887, 'bicubic'
     batch = FLAGS.batch_size
@@ -139,8 +140,7 @@ def main(argv):
         'tf.io.decode_jpeg (raw, full decode)': lambda: in_memory(
             lambda image, seed: tf.io.decode_jpeg(image)),
         'preprocess_train alone': lambda: in_memory(
-            lambda image, seed: input_pipeline.preprocess_train(
-                image, seed, config)),
+            input_pipeline.train_preprocessing(config)),
         'train pipeline: reference recipe, 256 px': lambda: (
             input_pipeline.create_train_iterator(builder, config, batch, 0,
                                                  0, 1)),

@@ -36,10 +36,9 @@ from darknet53_jax import synthetic_data
 # Largest relative differences to float32 that pass: per-step loss, and the
 # parameter change over the steps. With random images and labels the
 # per-example gradients mostly cancel over the batch, so rounding errors are
-# large next to their sum: the whole model at 64 px, batch 16, 3 steps, on
-# a CPU, measured 0.62 (bfloat16) and 0.35 (float16) for the change, 1.0%
-# and 0.38% for the loss. The change's bound still catches an unscaled,
-# missing or sign-flipped gradient (1 or more).
+# large next to their sum (docs/performance.md, gpu_check.sh step 2); the
+# change's bound still catches an unscaled, missing or sign-flipped gradient
+# (1 or more).
 LOSS_TOLERANCE = {'bfloat16': 3e-2, 'float16': 1e-2}
 UPDATE_TOLERANCE = {'bfloat16': 0.9, 'float16': 0.6}
 OVERFLOW_SCALE = 2.0**30

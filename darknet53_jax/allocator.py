@@ -1,13 +1,11 @@
 """A host memory allocator that keeps XLA:CPU's large buffers mapped.
 
 glibc's malloc maps every allocation of 32 MiB or more afresh and unmaps it
-on free, so each train step faults XLA:CPU's large buffers in again: about
-2,900 page faults and 0.27-0.38 s of kernel time per step even with glibc's
-huge pages (batch 16, 128 px, 2-core VM). mimalloc (Microsoft's allocator,
-from the ``cmeel-mimalloc`` wheel), preloaded with purging off, keeps freed
-memory for the next allocation: 55-58 faults and 0.18 s
-(docs/performance.md).
-Where that wheel is missing, glibc's ``glibc.malloc.hugetlb=1`` tunable at
+on free, so each train step faults XLA:CPU's large buffers in again, even
+with glibc's huge pages. mimalloc (Microsoft's allocator, from the
+``cmeel-mimalloc`` wheel), preloaded with purging off, keeps freed memory
+for the next allocation (docs/performance.md has the fault counts and
+kernel times). Where that wheel is missing, glibc's ``glibc.malloc.hugetlb=1`` tunable at
 least faults 2 MiB at a time. Both act when a process starts, hence a
 re-exec; ``DARKNET53_ALLOCATOR`` records (or, set by the user, fixes) the
 choice: ``mimalloc``, ``huge_pages`` or ``system`` (no change).

@@ -4,8 +4,7 @@ Values and gradients equal ``lax.conv_general_dilated``'s up to rounding
 (relative differences of about 1e-6). On other platforms they are XLA's own.
 On CPUs (measured in docs/performance.md):
 
-- a 1x1 convolution is the matmul it is, about twice as fast, forward and
-  backward;
+- a 1x1 convolution is the matmul it is, forward and backward;
 - a float32 3x3 stride-1 convolution with at least
   ``WINOGRAD_MIN_FEATURES`` input and output features runs as Winograd's
   F(2x2, 3x3): 16 batched matmuls with 2.25 times fewer multiplications

@@ -3,7 +3,7 @@
 The host pipeline (``input_pipeline``) decodes, crops, flips and resizes to
 uint8 images; the train and eval steps turn them into normalised images in
 the compute dtype with these functions: a few elementwise passes over the
-batch that XLA fuses into the step. On the host they took about a quarter of
+batch that XLA fuses into the step. On the host they cost a large share of
 the CPU time per train image (docs/data.md), and uint8 sends a quarter of
 float32's bytes.
 """

@@ -1,5 +1,6 @@
-"""tensorflow-datasets input pipeline: per-process splits, tf.data
-preprocessing, and batches as NumPy arrays. Knows nothing of JAX.
+"""The tf.data streams: per-process splits, preprocessing, and batches as
+NumPy arrays, from the datasets of ``datasets.registry``. Knows nothing of
+JAX.
 
 Images leave the host as uint8, with each train image's colour-jitter
 factors beside it; the train and eval steps jitter and normalise them on the
@@ -18,8 +19,8 @@ becomes a blank example with mask 0, so metrics count readable images only.
 Either way it is counted and logged.
 """
 
+import functools
 import math
-import os
 from typing import Callable, Iterator
 
 from absl import logging
@@ -28,28 +29,11 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from darknet53_jax import datasets  # noqa: F401  (registers our builders)
-from darknet53_jax.datasets import image_folder
+from darknet53_jax.datasets import registry
 
-# tf.data runs on the host. A GPU build of TensorFlow would otherwise reserve
-# most of each GPU's memory at its first op, before JAX allocates; every
-# TensorFlow user here (main, predict, prepare_data, export) imports this
-# module first.
-try:
-  tf.config.set_visible_devices([], 'GPU')
-except RuntimeError:  # TensorFlow ran an op before this import: too late.
-  logging.warning('TensorFlow was initialised before darknet53_jax: it may '
-                  'hold GPU memory that JAX needs.')
-
-INTERPOLATIONS = {'bilinear': tf.image.ResizeMethod.BILINEAR,
-                  'bicubic': tf.image.ResizeMethod.BICUBIC}
-# The antialiasing kernels tf.image.resize uses for each interpolation.
+# The antialiasing kernels tf.image.resize uses for each interpolation
+# (config_lib.INTERPOLATIONS); their names are tf.image.ResizeMethod's.
 AA_KERNELS = {'bilinear': 'triangle', 'bicubic': 'keyscubic'}
-# Datasets that ship their data and so are prepared on first use.
-EMBEDDED_DATASETS = ('sklearn_digits',)
-# Archives that must be downloaded by hand before preparing a dataset.
-MANUAL_FILES = {'imagenet2012': ('ILSVRC2012_img_train.tar',
-                                 'ILSVRC2012_img_val.tar')}
 # Tries at a random crop before the centre-crop fallback, as in torchvision's
 # RandomResizedCrop and MindSpore's RandomCropDecodeResize.
 CROP_ATTEMPTS = 10
@@ -57,148 +41,9 @@ CROP_ATTEMPTS = 10
 CORRUPT = 'corrupt'
 
 
-class DataError(ValueError):
-  """A dataset that is unknown, unprepared or mis-configured."""
-
-
-def builder_from_name(name: str,
-                      data_dir: str | None) -> tfds.core.DatasetBuilder:
-  """The builder for a tfds name (``name[:version]``) or an image folder.
-
-  Args:
-    name: a tensorflow-datasets name such as ``imagenet2012`` or
-      ``imagenet2012:5.0.0``, ``sklearn_digits``, or ``image_folder:/path``
-      for a folder of ``SPLIT/CLASS/image`` files.
-    data_dir: where tfds keeps prepared datasets (None: its default).
-
-  Raises:
-    DataError: for an unknown name, a missing folder, or a dataset without
-      an image and a class label.
-  """
-  if name.startswith(image_folder.PREFIX):
-    root = name[len(image_folder.PREFIX):]
-    try:
-      builder = image_folder.ImageFolder(root_dir=root, data_dir=data_dir)
-    except FileNotFoundError as e:
-      raise DataError(f'Dataset {name!r}: {e}') from None
-  else:
-    try:
-      builder = tfds.builder(name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError:
-      raise DataError(
-          f'Unknown dataset {name!r}: use a tensorflow-datasets name (for '
-          f'example imagenet2012), {EMBEDDED_DATASETS[0]}, or '
-          f'{image_folder.PREFIX}/path/to/folder.') from None
-  image_key, label_key = _feature_keys(builder)
-  features = builder.info.features
-  if not (isinstance(features[image_key], tfds.features.Image)
-          and isinstance(features[label_key], tfds.features.ClassLabel)):
-    raise DataError(f'Dataset {name!r} is not image classification: its '
-                    f'{image_key!r} and {label_key!r} features are not an '
-                    'image and a class label.')
-  return builder
-
-
-def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-  """The builder for ``config.dataset`` in ``config.data_dir``."""
-  return builder_from_name(config.dataset, config.data_dir)
-
-
-def _feature_keys(builder) -> tuple[str, str]:
-  """The (image, label) feature names: the supervised keys if plain."""
-  keys = builder.info.supervised_keys
-  if keys and len(keys) == 2 and all(isinstance(k, str) for k in keys):
-    return keys
-  return 'image', 'label'
-
-
-def default_manual_dir(builder: tfds.core.DatasetBuilder) -> str:
-  """Where tfds looks for manual downloads when none is given."""
-  return os.path.join(builder.data_dir_root, 'downloads', 'manual')
-
-
-def preparation_instructions(builder: tfds.core.DatasetBuilder,
-                             manual_dir: str | None = None) -> str:
-  """How to prepare ``builder``'s dataset: the files it needs, the command."""
-  data_dir = builder.data_dir_root
-  command = ('python -m darknet53_jax.prepare_data '
-             f'--dataset={builder.name} --data_dir={data_dir}')
-  if builder.name in MANUAL_FILES or builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
-    files = ' and '.join(MANUAL_FILES.get(builder.name, ('its archives',)))
-    return (f'Download {files} (see {builder.info.homepage}) into a directory '
-            f'MANUAL_DIR (default {default_manual_dir(builder)}), then run '
-            f'once: `{command} --manual_dir={manual_dir or "MANUAL_DIR"}` '
-            f'and train with --config.data_dir={data_dir}.')
-  return f'Run once: `{command}` and train with --config.data_dir={data_dir}.'
-
-
-def missing_manual_files(builder: tfds.core.DatasetBuilder,
-                         manual_dir: str | None) -> list[str]:
-  """The files of ``MANUAL_FILES`` absent from ``manual_dir`` (or default)."""
-  directory = manual_dir or default_manual_dir(builder)
-  return [f for f in MANUAL_FILES.get(builder.name, ())
-          if not tf.io.gfile.exists(os.path.join(directory, f))]
-
-
-def ensure_prepared(builder: tfds.core.DatasetBuilder) -> None:
-  """Prepares embedded datasets and image folders; fails clearly otherwise.
-
-  Call on one process only; the others wait for it.
-
-  Raises:
-    DataError: if the dataset is not prepared and needs a download (or the
-      manual archives), with the files to fetch and the command to run.
-  """
-  if builder.is_prepared():
-    return
-  if builder.name in EMBEDDED_DATASETS or isinstance(
-      builder, image_folder.ImageFolder):
-    builder.download_and_prepare()
-    return
-  raise DataError(
-      f'Dataset {builder.name!r} is not prepared in {builder.data_dir_root}. '
-      + preparation_instructions(builder))
-
-
-def num_classes(builder: tfds.core.DatasetBuilder) -> int:
-  return builder.info.features[_feature_keys(builder)[1]].num_classes
-
-
-def num_examples(builder: tfds.core.DatasetBuilder, split) -> int:
-  try:
-    return builder.info.splits[split].num_examples
-  except KeyError:
-    raise DataError(
-        f'Dataset {builder.name!r} has no split {split!r}; it has '
-        f'{sorted(builder.info.splits)}.') from None
-
-
-def get_eval_sets(
-    config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder
-) -> dict[str, tuple[tfds.core.DatasetBuilder, str]]:
-  """The evaluation sets by metric prefix, the main one first.
-
-  ``eval`` is ``(builder, config.eval_split)``; each entry ``NAME:
-  (dataset, split)`` of the optional ``config.eval_sets`` adds
-  ``eval_NAME``. The extra builders may still need ``ensure_prepared``.
-
-  Raises:
-    DataError: if an extra set's class count differs from ``builder``'s.
-  """
-  sets = {'eval': (builder, config.eval_split)}
-  for name, (dataset, split) in (config.get('eval_sets') or {}).items():
-    extra = builder_from_name(dataset, config.data_dir)
-    if num_classes(extra) != num_classes(builder):
-      raise DataError(
-          f'config.eval_sets.{name}: {dataset!r} has {num_classes(extra)} '
-          f'classes but {builder.name!r} has {num_classes(builder)}.')
-    sets[f'eval_{name}'] = (extra, split)
-  return sets
-
-
 def _read(builder, split) -> tf.data.Dataset:
   """Encoded images and labels, in the stored order."""
-  image_key, label_key = _feature_keys(builder)
+  image_key, label_key = registry.feature_keys(builder)
   ds = builder.as_dataset(split=split, shuffle_files=False,
                           decoders={image_key: tfds.decode.SkipDecoding()})
   return ds.map(lambda ex: {'image': ex[image_key],
@@ -209,7 +54,7 @@ def _decode(image_bytes):
   return tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
 
 
-def _random_crop_window(shape, seed, config):
+def _random_crop_window(shape, seed, area_range, ratio_range):
   """torchvision's (and MindSpore's) RandomResizedCrop window.
 
   Up to CROP_ATTEMPTS tries: area uniform in ``crop_area_range`` of the
@@ -224,9 +69,9 @@ def _random_crop_window(shape, seed, config):
       tf.random.experimental.stateless_split(seed, 4))
   height, width = shape[0], shape[1]
   fheight, fwidth = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
-  min_ratio, max_ratio = config.aspect_ratio_range
+  min_ratio, max_ratio = ratio_range
   area = fheight * fwidth * tf.random.stateless_uniform(
-      [CROP_ATTEMPTS], area_seed, *config.crop_area_range)
+      [CROP_ATTEMPTS], area_seed, *area_range)
   ratio = tf.exp(tf.random.stateless_uniform(
       [CROP_ATTEMPTS], ratio_seed, math.log(min_ratio), math.log(max_ratio)))
   widths = tf.cast(tf.round(tf.sqrt(area * ratio)), tf.int32)
@@ -257,18 +102,18 @@ def _random_crop_window(shape, seed, config):
   return tf.cond(tf.reduce_any(fits), random_window, centre_window)
 
 
-def _decode_random_crop(image_bytes, seed, config):
+def _decode_random_crop(image_bytes, seed, area_range, ratio_range):
   """The random crop, decoding only its window for JPEG."""
   def jpeg():
     window = _random_crop_window(tf.image.extract_jpeg_shape(image_bytes),
-                                 seed, config)
+                                 seed, area_range, ratio_range)
     return tf.image.decode_and_crop_jpeg(image_bytes, tf.stack(window),
                                          channels=3)
 
   def other():
     image = _decode(image_bytes)
-    top, left, height, width = _random_crop_window(tf.shape(image), seed,
-                                                   config)
+    top, left, height, width = _random_crop_window(
+        tf.shape(image), seed, area_range, ratio_range)
     return image[top:top + height, left:left + width]
 
   return tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other)
@@ -287,7 +132,11 @@ def _to_uint8(image):
   return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
 
 
-def preprocess_train(image_bytes, seed, config) -> dict:
+def preprocess_train(image_bytes, seed, *, size: int,
+                     crop_area_range: tuple[float, float],
+                     aspect_ratio_range: tuple[float, float],
+                     interpolation: str, random_flip: bool,
+                     color_jitter: float) -> dict:
   """Random-resized crop on the compressed bytes, flip, resize; jitter draw.
 
   The resize is not antialiased, as the reference's (OpenCV bilinear) and
@@ -298,53 +147,75 @@ def preprocess_train(image_bytes, seed, config) -> dict:
   Args:
     image_bytes: an encoded image (JPEG, PNG, GIF or BMP).
     seed: int64 [2], the stateless seed of every random choice.
-    config: train_size, crop_area_range, aspect_ratio_range, interpolation,
-      random_flip, color_jitter.
+    size: the output's height and width.
+    crop_area_range: the crop's area, as fractions of the image's.
+    aspect_ratio_range: the crop's width / height.
+    interpolation: one of ``AA_KERNELS``.
+    random_flip: flip left-right with probability 0.5.
+    color_jitter: the strength of the jitter factors (0: none).
 
   Returns:
-    'image': uint8 [train_size, train_size, 3]; with ``color_jitter``,
+    'image': uint8 [size, size, 3]; with ``color_jitter``,
     'color_jitter': float32 [3] brightness, contrast, saturation factors.
   """
   crop_seed, flip_seed, jitter_seed = tf.unstack(
       tf.random.experimental.stateless_split(seed, 3))
-  image = _decode_random_crop(image_bytes, crop_seed, config)
-  if config.random_flip:
+  image = _decode_random_crop(image_bytes, crop_seed, crop_area_range,
+                              aspect_ratio_range)
+  if random_flip:
     image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-  image = tf.image.resize(tf.cast(image, tf.float32),
-                          [config.train_size, config.train_size],
-                          method=INTERPOLATIONS[config.interpolation])
+  image = tf.image.resize(tf.cast(image, tf.float32), [size, size],
+                          method=interpolation)
   outputs = {'image': _to_uint8(image)}
-  if config.color_jitter:
-    outputs['color_jitter'] = _jitter_factors(jitter_seed, config.color_jitter)
+  if color_jitter:
+    outputs['color_jitter'] = _jitter_factors(jitter_seed, color_jitter)
   return outputs
 
 
-def eval_resize_size(config) -> int:
-  """Shorter side before the centre crop: floor(eval_size / crop_pct)."""
-  return int(math.floor(config.eval_size / config.eval_crop_pct + 1e-6))
+def train_preprocessing(config: ml_collections.ConfigDict) -> Callable:
+  """``preprocess_train`` with the config's values: (bytes, seed) -> dict."""
+  return functools.partial(
+      preprocess_train, size=config.train_size,
+      crop_area_range=tuple(config.crop_area_range),
+      aspect_ratio_range=tuple(config.aspect_ratio_range),
+      interpolation=config.interpolation, random_flip=config.random_flip,
+      color_jitter=config.color_jitter)
 
 
-def preprocess_eval(image_bytes, config):
-  """Resize the shorter side to eval_resize_size, centre-crop eval_size.
+def eval_resize_size(size: int, crop_pct: float) -> int:
+  """Shorter side before the centre crop: floor(size / crop_pct)."""
+  return int(math.floor(size / crop_pct + 1e-6))
+
+
+def preprocess_eval(image_bytes, *, size: int, crop_pct: float,
+                    interpolation: str):
+  """Resize the shorter side to eval_resize_size, centre-crop ``size``.
 
   Sizes and offsets follow torchvision's Resize(int) and CenterCrop (as timm
   evaluates): the longer side is truncated, the crop offsets rounded. The
   resize is antialiased (as PIL's) and computes the cropped window only.
 
   Returns:
-    uint8 [eval_size, eval_size, 3].
+    uint8 [size, size, 3].
   """
   image = tf.cast(_decode(image_bytes), tf.float32)
   shape = tf.shape(image)[:2]
-  resized = tf.maximum(eval_resize_size(config) * shape // tf.reduce_min(shape),
-                       config.eval_size)
-  offset = tf.round(tf.cast(resized - config.eval_size, tf.float32) / 2)
+  resized = tf.maximum(
+      eval_resize_size(size, crop_pct) * shape // tf.reduce_min(shape), size)
+  offset = tf.round(tf.cast(resized - size, tf.float32) / 2)
   image = tf.raw_ops.ScaleAndTranslate(
-      images=image[None], size=[config.eval_size, config.eval_size],
+      images=image[None], size=[size, size],
       scale=tf.cast(resized, tf.float32) / tf.cast(shape, tf.float32),
-      translation=-offset, kernel_type=AA_KERNELS[config.interpolation],
+      translation=-offset, kernel_type=AA_KERNELS[interpolation],
       antialias=True)[0]
   return _to_uint8(image)
+
+
+def eval_preprocessing(config: ml_collections.ConfigDict) -> Callable:
+  """``preprocess_eval`` with the config's eval protocol: bytes -> uint8."""
+  return functools.partial(preprocess_eval, size=config.eval_size,
+                           crop_pct=config.eval_crop_pct,
+                           interpolation=config.interpolation)
 
 
 def _map_in_batches(ds: tf.data.Dataset, fn: Callable, batch_size: int,
@@ -449,9 +320,9 @@ def train_steps_per_epoch(builder, config, local_batch_size: int,
                           process_count: int) -> int:
   """Full batches per epoch; every process has the same number."""
   split = _process_split(config.train_split, 0, process_count, True)
-  steps = num_examples(builder, split) // local_batch_size
+  steps = registry.num_examples(builder, split) // local_batch_size
   if steps == 0:
-    raise DataError(
+    raise registry.DataError(
         f'config.batch_size={config.batch_size} is larger than the '
         f'{config.train_split!r} split of {builder.name!r}: lower it.')
   return steps
@@ -482,9 +353,11 @@ def create_train_iterator(builder, config, local_batch_size: int,
     return tf.data.Dataset.zip(shuffled.take(epoch_examples), positions).map(
         lambda example, position: {**example, 'position': position})
 
+  augment = train_preprocessing(config)
+
   def preprocess(example):
     example_seed = tf.stack([seed * 65537 + stream_id, example['position']])
-    return {**preprocess_train(example['image'], example_seed, config),
+    return {**augment(example['image'], example_seed),
             'label': example['label']}
 
   start_epoch, offset = divmod(start_step, steps_per_epoch)
@@ -513,12 +386,14 @@ def create_eval_dataset(builder, config, split, local_batch_size: int,
   """
   parts = [_process_split(split, i, process_count, False)
            for i in range(process_count)]
-  counts = [num_examples(builder, p) for p in parts]
+  counts = [registry.num_examples(builder, p) for p in parts]
   steps = max(1, math.ceil(max(counts) / local_batch_size))
   padding = steps - math.ceil(counts[process_index] / local_batch_size)
 
+  resize_and_crop = eval_preprocessing(config)
+
   def preprocess(example):
-    return {'image': preprocess_eval(example['image'], config),
+    return {'image': resize_and_crop(example['image']),
             'label': example['label']}
 
   ds = _map_in_batches(_read(builder, parts[process_index]), preprocess,

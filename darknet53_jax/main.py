@@ -23,7 +23,7 @@ from ml_collections import config_flags
 from darknet53_jax import checkpoints
 from darknet53_jax import config_lib
 from darknet53_jax import distributed
-from darknet53_jax import input_pipeline
+from darknet53_jax.datasets import registry
 from darknet53_jax import precision
 from darknet53_jax import preemption
 from darknet53_jax import runtime
@@ -42,7 +42,7 @@ config_flags.DEFINE_config_file('config', None, 'Path to a config file.',
                                 lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])
 
-FATAL_ERRORS = (config_lib.ConfigError, input_pipeline.DataError,
+FATAL_ERRORS = (config_lib.ConfigError, registry.DataError,
                 checkpoints.CheckpointError, precision.DivergedError)
 
 

@@ -9,13 +9,11 @@ LR_SCALING_RULES = ('linear', 'none')
 
 
 def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
-  """The base rate, scaled by global batch / 256 under the 'linear' rule."""
+  """The base rate, scaled by global batch / 256 under the 'linear' rule
+  (``config.lr_scaling`` is one of LR_SCALING_RULES: ``config_lib``)."""
   if config.lr_scaling == 'linear':
     return config.learning_rate * config.batch_size / 256
-  if config.lr_scaling == 'none':
-    return config.learning_rate
-  raise ValueError(f'config.lr_scaling={config.lr_scaling!r} is not one of '
-                   f'{LR_SCALING_RULES}.')
+  return config.learning_rate
 
 
 def create_learning_rate_schedule(config: ml_collections.ConfigDict,

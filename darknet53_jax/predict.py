@@ -23,6 +23,7 @@ from tensorflow_datasets.datasets.siscore import labels as imagenet_labels
 from darknet53_jax import build
 from darknet53_jax import checkpoints
 from darknet53_jax import input_pipeline
+from darknet53_jax.datasets import registry
 from darknet53_jax import model as model_lib
 from darknet53_jax import steps
 
@@ -64,8 +65,8 @@ def class_names(config: ml_collections.ConfigDict) -> list[str]:
   if config.num_classes == IMAGENET_CLASSES:
     return list(imagenet_labels.IMAGENET_LABELS_LIST)
   try:
-    names = input_pipeline.get_builder(config).info.features['label'].names
-  except (input_pipeline.DataError, KeyError):
+    names = registry.get_builder(config).info.features['label'].names
+  except (registry.DataError, KeyError):
     names = []
   if len(names) != config.num_classes:
     return [f'class {i}' for i in range(config.num_classes)]
@@ -79,7 +80,8 @@ def load_image(path: str, config: ml_collections.ConfigDict) -> np.ndarray:
   if tf.io.gfile.isdir(path):
     raise ImageError('is a directory')
   try:
-    return input_pipeline.preprocess_eval(tf.io.read_file(path), config).numpy()
+    return input_pipeline.eval_preprocessing(config)(
+        tf.io.read_file(path)).numpy()
   except tf.errors.InvalidArgumentError:
     raise ImageError('not an image TensorFlow can decode (JPEG, PNG, GIF, '
                      'BMP, WebP)') from None

@@ -15,7 +15,7 @@ from absl import flags
 from absl import logging
 import tensorflow_datasets as tfds
 
-from darknet53_jax import input_pipeline
+from darknet53_jax.datasets import registry
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('dataset', None, 'Dataset name, as config.dataset.')
@@ -45,16 +45,16 @@ def prepare(dataset: str, data_dir: str | None,
   Raises:
     DataError: for an unknown dataset or missing manual archives.
   """
-  builder = input_pipeline.builder_from_name(dataset, data_dir)
+  builder = registry.builder_from_name(dataset, data_dir)
   if builder.is_prepared():
     logging.info('%s is already prepared in %s.', dataset, builder.data_dir)
     return builder
-  missing = input_pipeline.missing_manual_files(builder, manual_dir)
+  missing = registry.missing_manual_files(builder, manual_dir)
   if missing:
-    directory = manual_dir or input_pipeline.default_manual_dir(builder)
-    raise input_pipeline.DataError(
+    directory = manual_dir or registry.default_manual_dir(builder)
+    raise registry.DataError(
         f'{" and ".join(missing)} not found in {directory}. '
-        + input_pipeline.preparation_instructions(builder, manual_dir))
+        + registry.preparation_instructions(builder, manual_dir))
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir=manual_dir))
   logging.info('Prepared %s in %s: %s', dataset, builder.data_dir,
@@ -67,7 +67,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   try:
     prepare(FLAGS.dataset, FLAGS.data_dir, FLAGS.manual_dir)
-  except input_pipeline.DataError as e:
+  except registry.DataError as e:
     sys.exit(f'error: {e}')
 
 

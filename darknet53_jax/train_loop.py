@@ -22,6 +22,7 @@ from darknet53_jax import build
 from darknet53_jax import checkpoints
 from darknet53_jax import config_lib
 from darknet53_jax import input_pipeline
+from darknet53_jax.datasets import registry
 from darknet53_jax import precision
 from darknet53_jax import preemption
 from darknet53_jax import runtime
@@ -30,19 +31,19 @@ from darknet53_jax import steps
 
 
 def _prepare_data(config):
-  """The train builder and the eval sets (``input_pipeline.get_eval_sets``),
+  """The train builder and the eval sets (``registry.get_eval_sets``),
   prepared by process 0 while the others wait."""
-  builder = input_pipeline.get_builder(config)
+  builder = registry.get_builder(config)
   if jax.process_index() == 0:
-    for eval_builder, _ in input_pipeline.get_eval_sets(
+    for eval_builder, _ in registry.get_eval_sets(
         config, builder).values():
-      input_pipeline.ensure_prepared(eval_builder)
+      registry.ensure_prepared(eval_builder)
   multihost_utils.sync_global_devices('data prepared')
   # Builders made before process 0 prepared their data do not see it.
-  builder = input_pipeline.get_builder(config)
-  eval_sets = input_pipeline.get_eval_sets(config, builder)
+  builder = registry.get_builder(config)
+  eval_sets = registry.get_eval_sets(config, builder)
   for eval_builder, _ in eval_sets.values():
-    input_pipeline.ensure_prepared(eval_builder)
+    registry.ensure_prepared(eval_builder)
   return builder, eval_sets
 
 
@@ -52,7 +53,7 @@ def _resolve_num_classes(config, builder) -> ml_collections.ConfigDict:
   Raises:
     ConfigError: a non-zero ``num_classes`` differs from the dataset's.
   """
-  dataset_classes = input_pipeline.num_classes(builder)
+  dataset_classes = registry.num_classes(builder)
   if config.num_classes == dataset_classes:
     return config
   if config.num_classes:

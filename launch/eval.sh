@@ -13,7 +13,8 @@ usage: $0 DATA_DIR CHECKPOINT [EVAL_DIR] [--config.KEY=VALUE ...]
   EVAL_DIR    where the metrics go (default: eval).
   Further arguments go to darknet53_jax.main.
 
-  Environment: PYTHON (default: python), CUDA_VISIBLE_DEVICES.
+  Environment: PYTHON (default: python; one with darknet53_jax installed,
+  see the README), CUDA_VISIBLE_DEVICES.
 USAGE
   exit 2
 }
@@ -29,7 +30,6 @@ if [[ $# -ge 1 && $1 != -* ]]; then
 fi
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
-export PYTHONPATH="${repo}${PYTHONPATH:+:${PYTHONPATH}}"
 exec "${PYTHON:-python}" -m darknet53_jax.main \
   --config="${repo}/configs/imagenet.py" \
   --workdir="${eval_dir}" \

@@ -14,7 +14,8 @@ usage: $0 DATA_DIR [WORKDIR] [--config.KEY=VALUE ...]
   Further arguments go to darknet53_jax.main, e.g. the reference's 8 x 256
   run: --config.batch_size=2048 --config.lr_scaling=none
 
-  Environment: PYTHON (default: python), CUDA_VISIBLE_DEVICES.
+  Environment: PYTHON (default: python; one with darknet53_jax installed,
+  see the README), CUDA_VISIBLE_DEVICES.
 USAGE
   exit 2
 }
@@ -29,7 +30,6 @@ if [[ $# -ge 1 && $1 != -* ]]; then
 fi
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
-export PYTHONPATH="${repo}${PYTHONPATH:+:${PYTHONPATH}}"
 exec "${PYTHON:-python}" -m darknet53_jax.main \
   --config="${repo}/configs/imagenet.py" \
   --workdir="${workdir}" \

@@ -88,10 +88,11 @@ def reference_run(data_dir: str, output: str) -> None:
   """
   import jax  # pylint: disable=g-import-not-at-top
   from darknet53_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from darknet53_jax.datasets import registry  # pylint: disable=g-import-not-at-top
   from darknet53_jax import build  # pylint: disable=g-import-not-at-top
   from darknet53_jax import sharding  # pylint: disable=g-import-not-at-top
   config = _config(data_dir)
-  builder = input_pipeline.get_builder(config)
+  builder = registry.get_builder(config)
   local_batch = config.batch_size // NUM_PROCESSES
   steps = input_pipeline.train_steps_per_epoch(builder, config, local_batch,
                                                NUM_PROCESSES)

@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from darknet53_jax import input_pipeline
+from darknet53_jax.datasets import registry
 from darknet53_jax import prepare_data
 from darknet53_jax import train_loop
 from tests import conftest
@@ -23,9 +23,9 @@ def imagenet(tmp_path_factory):
 
 
 def test_unprepared_imagenet_says_what_to_download_and_run(tmp_path):
-  builder = input_pipeline.builder_from_name('imagenet2012', str(tmp_path))
-  with pytest.raises(input_pipeline.DataError) as error:
-    input_pipeline.ensure_prepared(builder)
+  builder = registry.builder_from_name('imagenet2012', str(tmp_path))
+  with pytest.raises(registry.DataError) as error:
+    registry.ensure_prepared(builder)
   message = str(error.value)
   for part in (str(tmp_path), 'ILSVRC2012_img_train.tar',
                'ILSVRC2012_img_val.tar',
@@ -38,7 +38,7 @@ def test_prepare_names_the_missing_archive(tmp_path):
   manual = tmp_path / 'manual'
   manual.mkdir()
   (manual / fake_imagenet.TRAIN_TAR).write_bytes(b'')
-  with pytest.raises(input_pipeline.DataError,
+  with pytest.raises(registry.DataError,
                      match=f'^{fake_imagenet.VAL_TAR} not found in {manual}'):
     prepare_data.prepare('imagenet2012', str(tmp_path / 'tfds'), str(manual))
 
@@ -57,10 +57,10 @@ def _mean_colour(image_bytes):
 
 def test_real_builder_accepts_the_fake(imagenet):
   fake, data_dir = imagenet
-  builder = input_pipeline.builder_from_name('imagenet2012', data_dir)
+  builder = registry.builder_from_name('imagenet2012', data_dir)
   assert str(builder.version).startswith('5.')
-  assert input_pipeline.num_classes(builder) == 1000
-  assert input_pipeline.num_examples(builder, 'train') == fake.num_train
+  assert registry.num_classes(builder) == 1000
+  assert registry.num_examples(builder, 'train') == fake.num_train
 
   validation = _examples(builder, 'validation')
   assert [validation[name][0] for name in sorted(validation)] == (

@@ -4,14 +4,15 @@ import collections
 import hashlib
 import itertools
 
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
 
 from darknet53_jax import config_defaults
+from darknet53_jax import config_lib
 from darknet53_jax import input_pipeline
+from darknet53_jax.datasets import registry
 from tests import conftest
 
 
@@ -35,7 +36,7 @@ def _fingerprints(batches):
 def test_eval_covers_every_example_exactly_once(digits_data_dir,
                                                 process_count):
   config = _config(digits_data_dir)
-  builder = input_pipeline.get_builder(config)
+  builder = registry.get_builder(config)
   whole, _ = input_pipeline.create_eval_dataset(builder, config, 'test', 64, 0,
                                                 1)
   expected = _fingerprints(whole)
@@ -56,7 +57,7 @@ def test_eval_covers_every_example_exactly_once(digits_data_dir,
 
 def _train_batches(config, start_step, count, process_index=0,
                    process_count=1, batch_size=32):
-  builder = input_pipeline.get_builder(config)
+  builder = registry.get_builder(config)
   iterator = input_pipeline.create_train_iterator(
       builder, config, batch_size, start_step, process_index, process_count)
   return list(itertools.islice(iterator, count))
@@ -67,7 +68,7 @@ def test_resumed_train_stream_is_bitwise_identical(digits_data_dir,
                                                    process_index,
                                                    process_count):
   config = _config(digits_data_dir)
-  builder = input_pipeline.get_builder(config)
+  builder = registry.get_builder(config)
   steps_per_epoch = input_pipeline.train_steps_per_epoch(builder, config, 32,
                                                          process_count)
   resume = steps_per_epoch - 1  # The resumed run crosses an epoch boundary.
@@ -94,7 +95,7 @@ def test_train_processes_read_disjoint_even_shares(digits_data_dir):
   # No augmentation: each train image is its source image.
   config.crop_area_range = config.aspect_ratio_range = (1.0, 1.0)
   config.random_flip, config.color_jitter = False, 0.0
-  builder = input_pipeline.get_builder(config)
+  builder = registry.get_builder(config)
   whole, _ = input_pipeline.create_eval_dataset(builder, config, 'test', 128,
                                                 0, 1)
   available = _fingerprints(whole)
@@ -115,9 +116,8 @@ def test_preprocess_train_is_seeded_uint8_with_jitter_factors():
   image = tf.io.encode_jpeg(tf.random.stateless_uniform(
       [75, 100, 3], [0, 0], 0, 256, tf.int32).numpy().astype(np.uint8))
   seed = tf.constant([3, 4], tf.int64)
-  a = input_pipeline.preprocess_train(image, seed, config)
-  b = input_pipeline.preprocess_train(image, seed, config)
-  c = input_pipeline.preprocess_train(image, seed + 1, config)
+  augment = input_pipeline.train_preprocessing(config)
+  a, b, c = augment(image, seed), augment(image, seed), augment(image, seed + 1)
   assert a['image'].shape == (64, 64, 3) and a['image'].dtype == tf.uint8
   assert a['color_jitter'].shape == (3,)
   assert all(0.6 <= f <= 1.4 for f in a['color_jitter'].numpy())
@@ -125,15 +125,15 @@ def test_preprocess_train_is_seeded_uint8_with_jitter_factors():
     np.testing.assert_array_equal(a[key], b[key])
     assert not np.array_equal(a[key], c[key])
   config.color_jitter = 0.0
-  assert set(input_pipeline.preprocess_train(image, seed, config)) == {
+  assert set(input_pipeline.train_preprocessing(config)(image, seed)) == {
       'image'}
 
 
 def test_random_crop_window_follows_torchvision():
-  config = config_defaults.get_config()
+  ranges = ((0.08, 1.0), (3 / 4, 4 / 3))  # The reference's.
   crop_window = input_pipeline._random_crop_window  # pylint: disable=protected-access
   windows = tf.data.Dataset.range(300).map(lambda i: tf.stack(crop_window(
-      tf.constant([375, 500]), tf.stack([i, i]), config)))
+      tf.constant([375, 500]), tf.stack([i, i]), *ranges)))
   top, left, height, width = np.array(list(windows.as_numpy_iterator())).T
   assert (top >= 0).all() and (top + height <= 375).all()
   assert (left >= 0).all() and (left + width <= 500).all()
@@ -144,8 +144,12 @@ def test_random_crop_window_follows_torchvision():
   assert ratio.min() > 0.75 - 0.05 and ratio.max() < 4 / 3 + 0.05
   # Nothing fits a 20x400 strip: the fallback is a centred 20x27 crop.
   window = crop_window(tf.constant([20, 400]), tf.constant([0, 0], tf.int64),
-                       config)
+                       *ranges)
   assert [int(x) for x in window] == [0, (400 - 27) // 2, 20, 27]
+
+
+def test_every_interpolation_the_config_allows_has_a_kernel():
+  assert set(input_pipeline.AA_KERNELS) == set(config_lib.INTERPOLATIONS)
 
 
 @pytest.mark.parametrize('eval_size,crop_pct,expected', [
@@ -155,9 +159,7 @@ def test_random_crop_window_follows_torchvision():
     (32, 1.0, 32),  # The quick start.
 ])
 def test_eval_resize_size(eval_size, crop_pct, expected):
-  config = ml_collections.ConfigDict({'eval_size': eval_size,
-                                      'eval_crop_pct': crop_pct})
-  assert input_pipeline.eval_resize_size(config) == expected
+  assert input_pipeline.eval_resize_size(eval_size, crop_pct) == expected
 
 
 @pytest.mark.parametrize('interpolation', ['bilinear', 'bicubic'])
@@ -169,7 +171,8 @@ def test_eval_resizes_shorter_side_and_crops_the_centre(interpolation):
   rows, columns = np.meshgrid(np.arange(200), np.arange(400), indexing='ij')
   image = np.stack([columns * 255 / 399, rows * 255 / 199, np.zeros_like(rows)],
                    -1).round().astype(np.uint8)
-  out = input_pipeline.preprocess_eval(tf.io.encode_png(image), config).numpy()
+  out = input_pipeline.eval_preprocessing(config)(
+      tf.io.encode_png(image)).numpy()
   assert out.shape == (64, 64, 3) and out.dtype == np.uint8
   out = out.astype(np.float32)
   # 200x400 -> 80x160; the crop starts at row 8 and column 48, and each
@@ -189,8 +192,8 @@ def test_eval_equals_resize_then_centre_crop(interpolation, height, width):
   config.interpolation = interpolation
   image = tf.random.stateless_uniform([height, width, 3], [1, 2], 0, 256,
                                       tf.int32)
-  out = input_pipeline.preprocess_eval(
-      tf.io.encode_png(tf.cast(image, tf.uint8)), config)
+  out = input_pipeline.eval_preprocessing(config)(
+      tf.io.encode_png(tf.cast(image, tf.uint8)))
   # torchvision's Resize(292): shorter side 292, longer side truncated.
   short = min(height, width)
   size = [292 * height // short, 292 * width // short]
@@ -228,12 +231,12 @@ def test_image_folder_with_corrupt_images(tmp_path, caplog):
   config = _config(str(tmp_path / 'tfds'))
   config.dataset = f'image_folder:{tmp_path / "images"}'
   config.train_split, config.eval_split = 'train', 'validation'
-  builder = input_pipeline.get_builder(config)
-  input_pipeline.ensure_prepared(builder)
-  assert input_pipeline.num_classes(builder) == 2
+  builder = registry.get_builder(config)
+  registry.ensure_prepared(builder)
+  assert registry.num_classes(builder) == 2
   assert builder.info.features['label'].names == ['cat', 'dog']
-  assert input_pipeline.num_examples(builder, 'train') == 14
-  assert input_pipeline.num_examples(builder, 'validation') == 7
+  assert registry.num_examples(builder, 'train') == 14
+  assert registry.num_examples(builder, 'validation') == 7
 
   # Train: the batch holds all 14 images; the 2 corrupt ones are replaced by
   # copies of readable ones, so no blank image remains.
@@ -253,38 +256,38 @@ def test_image_folder_classes_survive_the_folder(tmp_path):
   """Once prepared, the dataset no longer needs the source folder."""
   _write_image_folder(tmp_path / 'images', corrupt=False)
   name = f'image_folder:{tmp_path / "images"}'
-  input_pipeline.ensure_prepared(
-      input_pipeline.builder_from_name(name, str(tmp_path / 'tfds')))
+  registry.ensure_prepared(
+      registry.builder_from_name(name, str(tmp_path / 'tfds')))
   for path in sorted((tmp_path / 'images').rglob('*'), reverse=True):
     path.unlink() if path.is_file() else path.rmdir()
-  builder = input_pipeline.builder_from_name(name, str(tmp_path / 'tfds'))
+  builder = registry.builder_from_name(name, str(tmp_path / 'tfds'))
   assert builder.is_prepared()
   assert builder.info.features['label'].names == ['cat', 'dog']
 
 
 def test_unknown_or_missing_datasets_are_data_errors(tmp_path):
-  with pytest.raises(input_pipeline.DataError, match='Unknown dataset'):
-    input_pipeline.builder_from_name('no_such_dataset', str(tmp_path))
-  with pytest.raises(input_pipeline.DataError, match='No image folder'):
-    input_pipeline.builder_from_name(f'image_folder:{tmp_path}/missing',
+  with pytest.raises(registry.DataError, match='Unknown dataset'):
+    registry.builder_from_name('no_such_dataset', str(tmp_path))
+  with pytest.raises(registry.DataError, match='No image folder'):
+    registry.builder_from_name(f'image_folder:{tmp_path}/missing',
                                      str(tmp_path))
-  builder = input_pipeline.builder_from_name('mnist', str(tmp_path))
-  with pytest.raises(input_pipeline.DataError,
+  builder = registry.builder_from_name('mnist', str(tmp_path))
+  with pytest.raises(registry.DataError,
                      match='python -m darknet53_jax.prepare_data '
                      '--dataset=mnist'):
-    input_pipeline.ensure_prepared(builder)
+    registry.ensure_prepared(builder)
 
 
 def test_eval_sets(digits_data_dir, tmp_path):
   config = _config(digits_data_dir)
-  builder = input_pipeline.get_builder(config)
+  builder = registry.get_builder(config)
   config.eval_sets = {'train': ('sklearn_digits', 'train')}
-  sets = input_pipeline.get_eval_sets(config, builder)
+  sets = registry.get_eval_sets(config, builder)
   assert list(sets) == ['eval', 'eval_train']
   assert sets['eval'] == (builder, 'test')
   assert sets['eval_train'][1] == 'train'
   _write_image_folder(tmp_path / 'images', corrupt=False)
   config.eval_sets = {'folder': (f'image_folder:{tmp_path / "images"}',
                                  'validation')}
-  with pytest.raises(input_pipeline.DataError, match='has 2 classes'):
-    input_pipeline.get_eval_sets(config, builder)
+  with pytest.raises(registry.DataError, match='has 2 classes'):
+    registry.get_eval_sets(config, builder)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from darknet53_jax import config_defaults
+from darknet53_jax import config_lib
 from darknet53_jax import optim
 
 
@@ -46,8 +47,8 @@ def test_lr_scaling_rules():
       0.8)
   assert optim.peak_learning_rate(
       _config(batch_size=2048, lr_scaling='none')) == pytest.approx(0.1)
-  with pytest.raises(ValueError, match='lr_scaling'):
-    optim.peak_learning_rate(_config(lr_scaling='sqrt'))
+  with pytest.raises(config_lib.ConfigError, match='lr_scaling'):
+    config_lib.validate(_config(lr_scaling='sqrt'), 1, 1)
 
 
 def test_weight_decay_only_on_kernels():

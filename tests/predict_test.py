@@ -45,7 +45,8 @@ def test_probabilities_are_the_models_on_eval_preprocessing(
   assert predict.predict_files(tiny_checkpoint, [digit_png]) == 0
   printed = _parse(capsys.readouterr().out)[digit_png]
   config, model, variables = predict.load_inference_model(tiny_checkpoint)
-  image = input_pipeline.preprocess_eval(tf.io.read_file(digit_png), config)
+  image = input_pipeline.eval_preprocessing(config)(
+      tf.io.read_file(digit_png))
   assert image.dtype == tf.uint8
   images = image_ops.normalize(image.numpy()[None], config.mean_rgb,
                                config.std_rgb, jnp.float32)

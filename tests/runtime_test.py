@@ -61,27 +61,27 @@ def test_configure_sets_the_flag_before_the_backend_starts(tmp_path):
                                    str(tmp_path)]
 
 
-def test_tensorflow_never_sees_a_gpu_once_the_pipeline_is_imported():
+def test_tensorflow_never_sees_a_gpu_once_the_datasets_are_imported():
   # A CPU-only TensorFlow has no GPU to hide, so record the call instead.
   script = (
       'import tensorflow as tf\n'
       'calls = []\n'
       'tf.config.set_visible_devices = lambda *a: calls.append(a)\n'
-      'from darknet53_jax import input_pipeline\n'
+      'from darknet53_jax.datasets import registry\n'
       'print(calls)\n')
   result = subprocess.run([sys.executable, '-c', script], cwd=conftest.REPO,
                           capture_output=True, text=True, check=True)
   assert result.stdout.strip() == "[([], 'GPU')]"
 
 
-def test_pipeline_imports_after_tensorflow_placed_its_devices():
+def test_datasets_import_after_tensorflow_placed_its_devices():
   # What a GPU build of TensorFlow raises once an op has run.
   script = (
       'import tensorflow as tf\n'
       'def too_late(*args):\n'
       '  raise RuntimeError("Visible devices cannot be modified")\n'
       'tf.config.set_visible_devices = too_late\n'
-      'from darknet53_jax import input_pipeline\n'
+      'from darknet53_jax.datasets import registry\n'
       'print("imported")\n')
   result = subprocess.run([sys.executable, '-c', script], cwd=conftest.REPO,
                           capture_output=True, text=True, check=True)

@@ -19,7 +19,7 @@ from tests import conftest
 
 def multidevice_checks(data_dir: str) -> dict:
   """Runs with 8 devices; returns the numbers the tests assert on."""
-  from darknet53_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from darknet53_jax.datasets import registry  # pylint: disable=g-import-not-at-top
   from darknet53_jax import train_loop  # pylint: disable=g-import-not-at-top
   config = conftest.tiny_config(data_dir)
   config.batch_size = 16
@@ -32,7 +32,7 @@ def multidevice_checks(data_dir: str) -> dict:
   on_one = conftest.train_steps(config, devices[:1], batches)
 
   mesh, run = conftest.train_setup(config, devices)
-  builder = input_pipeline.get_builder(config)
+  builder = registry.get_builder(config)
   metrics = train_loop.evaluate(run.state, run.eval_step, mesh, builder,
                                 config, 'test[:37]')
   return {'devices': len(devices),
