@@ -18,12 +18,14 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 STATE = 'state'
+from darknet53_jax import errors
+
 CONFIG = 'config'
 WORKDIR_SUBDIR = 'checkpoints'
 MODEL_COLLECTIONS = ('params', 'batch_stats')
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.UserError, ValueError):
   """A checkpoint that is missing or does not fit the model."""
 
 
@@ -70,7 +72,8 @@ class CheckpointManager:
     try:
       saved = self._manager.item_metadata(step)[STATE].tree
     except Exception as e:  # pylint: disable=broad-except
-      raise DamagedCheckpointError(f'{source}: {_first_line(e)}') from None
+      raise DamagedCheckpointError(
+          f'{source}: {errors.first_line(e)}') from None
     check_compatible(
         {k: saved[k] for k in MODEL_COLLECTIONS},
         {k: getattr(template, k) for k in MODEL_COLLECTIONS}, source)
@@ -81,7 +84,8 @@ class CheckpointManager:
     except Exception as e:  # pylint: disable=broad-except
       # Damage or a changed optimiser/precision surfaces as whatever the
       # storage layer raises.
-      raise DamagedCheckpointError(f'{source}: {_first_line(e)}') from None
+      raise DamagedCheckpointError(
+          f'{source}: {errors.first_line(e)}') from None
     return restored[STATE]
 
   def restore_latest_good(self, template: Any) -> Any | None:
@@ -111,11 +115,6 @@ class CheckpointManager:
 
   def close(self) -> None:
     self._manager.close()
-
-
-def _first_line(error: Exception) -> str:
-  return str(error).strip().splitlines()[0] if str(error).strip() else repr(
-      error)
 
 
 def workdir_checkpoints(workdir: str) -> epath.Path:

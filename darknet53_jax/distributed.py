@@ -25,6 +25,8 @@ import jax
 from absl import flags
 from absl import logging
 
+from darknet53_jax import errors
+
 FLAGS = flags.FLAGS
 MODES = ('auto', 'on', 'off')
 # JAX aborts the process (a C++ check failure) when its own connection
@@ -51,7 +53,7 @@ flags.register_validator(
     '--local_device_ids takes device numbers, e.g. 0,1,2,3.')
 
 
-class DistributedError(RuntimeError):
+class DistributedError(errors.UserError, RuntimeError):
   """The distributed runtime could not be started as asked."""
 
 

@@ -36,7 +36,7 @@ import numpy as np
 from etils import epath
 import tensorflow as tf
 
-from darknet53_jax import checkpoints
+from darknet53_jax import errors
 from darknet53_jax import model as model_lib
 from darknet53_jax import predict
 
@@ -49,7 +49,7 @@ DEFAULT_PLATFORMS = ('cpu', 'cuda', 'tpu')
 PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 
 
-class ExportError(ValueError):
+class ExportError(errors.UserError, ValueError):
   """Export arguments that cannot work."""
 
 
@@ -177,7 +177,7 @@ def main(argv):
     export_checkpoint(FLAGS.checkpoint, FLAGS.format, FLAGS.output,
                       parse_batch_size(FLAGS.batch_size), FLAGS.image_size,
                       FLAGS.platforms)
-  except (ExportError, checkpoints.CheckpointError) as e:
+  except errors.UserError as e:
     sys.exit(f'error: {e}')
   logging.info('Wrote %s.', os.path.abspath(FLAGS.output))
 

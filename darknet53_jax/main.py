@@ -20,10 +20,8 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from darknet53_jax import checkpoints
-from darknet53_jax import config_checks
 from darknet53_jax import distributed
-from darknet53_jax import input_pipeline
+from darknet53_jax import errors
 from darknet53_jax import preemption
 from darknet53_jax import runtime
 from darknet53_jax import trainer
@@ -40,9 +38,6 @@ flags.DEFINE_string('checkpoint', None,
 config_flags.DEFINE_config_file('config', None, 'Path to a config file.',
                                 lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])
-
-FATAL_ERRORS = (config_checks.ConfigError, input_pipeline.DataError,
-                checkpoints.CheckpointError, trainer.DivergedError)
 
 
 def _load_config():
@@ -105,7 +100,7 @@ def main(argv):
                                   FLAGS.checkpoint)
     else:
       trainer.train_and_evaluate(config, FLAGS.workdir)
-  except FATAL_ERRORS as e:
+  except errors.UserError as e:
     logging.error('%s', e)
     sys.exit(f'error: {e}')
   except preemption.Preempted as e:

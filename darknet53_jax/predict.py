@@ -22,6 +22,7 @@ from tensorflow_datasets.datasets.siscore import labels as imagenet_labels
 
 from darknet53_jax import checkpoints
 from darknet53_jax import input_pipeline
+from darknet53_jax import errors
 from darknet53_jax import model as model_lib
 from darknet53_jax import train
 
@@ -30,7 +31,7 @@ IMAGENET_CLASSES = 1000
 TOP_K = 5
 
 
-class ImageError(ValueError):
+class ImageError(errors.UserError, ValueError):
   """A file that cannot be read or decoded as an image."""
 
 
@@ -113,7 +114,7 @@ def main(argv):
   tf.config.set_visible_devices([], 'GPU')  # Keep TF off the accelerator.
   try:
     failed = predict_files(FLAGS.checkpoint, paths)
-  except checkpoints.CheckpointError as e:
+  except errors.UserError as e:
     sys.exit(f'error: {e}')
   if failed:
     sys.exit(f'error: {failed} of {len(paths)} files could not be '

@@ -15,6 +15,7 @@ from absl import flags
 from absl import logging
 import tensorflow_datasets as tfds
 
+from darknet53_jax import errors
 from darknet53_jax import input_pipeline
 
 FLAGS = flags.FLAGS
@@ -67,7 +68,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   try:
     prepare(FLAGS.dataset, FLAGS.data_dir, FLAGS.manual_dir)
-  except input_pipeline.DataError as e:
+  except errors.UserError as e:
     sys.exit(f'error: {e}')
 
 

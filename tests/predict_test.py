@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from darknet53_jax import checkpoints
 from darknet53_jax import image_ops
 from darknet53_jax import input_pipeline
 from darknet53_jax import predict
@@ -56,15 +55,19 @@ def test_probabilities_are_the_models_on_eval_preprocessing(
   np.testing.assert_allclose([p for p, _ in printed], want[top], atol=1e-4)
 
 
+def _predict_cli(checkpoint: str, *paths: str) -> subprocess.CompletedProcess:
+  return subprocess.run(
+      [sys.executable, '-m', 'darknet53_jax.predict',
+       f'--checkpoint={checkpoint}', *paths],
+      cwd=REPO, capture_output=True, text=True, check=False)
+
+
 def test_cli_reports_bad_files_and_classifies_the_rest(
     tiny_checkpoint, digit_png, tmp_path):
   notes = tmp_path / 'notes.txt'
   notes.write_text('not an image')
   missing = str(tmp_path / 'missing.jpg')
-  result = subprocess.run(
-      [sys.executable, '-m', 'darknet53_jax.predict',
-       f'--checkpoint={tiny_checkpoint}', missing, digit_png, str(notes)],
-      cwd=REPO, capture_output=True, text=True, check=False)
+  result = _predict_cli(tiny_checkpoint, missing, digit_png, str(notes))
   assert result.returncode == 1
   predictions = _parse(result.stdout)
   assert list(predictions) == [digit_png]
@@ -82,9 +85,13 @@ def test_cli_reports_bad_files_and_classifies_the_rest(
   ]
 
 
-def test_missing_checkpoint_is_refused(tmp_path):
-  with pytest.raises(checkpoints.CheckpointError, match='No checkpoint at'):
-    predict.predict_files(str(tmp_path), ['image.png'])
+def test_missing_checkpoint_is_one_line(tmp_path):
+  result = _predict_cli(str(tmp_path), 'image.png')
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == (
+      f'error: No checkpoint at {tmp_path}: give a workdir, its checkpoints/ '
+      'folder or one step folder inside it.')
+  assert 'Traceback' not in result.stderr
 
 
 def test_class_names():
