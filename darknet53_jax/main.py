@@ -28,16 +28,6 @@ from darknet53_jax import trainer
 # pylint: enable=g-import-not-at-top,wrong-import-position,g-bad-import-order
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
-flags.DEFINE_bool('eval_only', False,
-                  'Evaluate the latest checkpoint (or --checkpoint); no '
-                  'training.')
-flags.DEFINE_string('checkpoint', None,
-                    'Checkpoint to evaluate with --eval_only (a workdir, its '
-                    'checkpoints/ folder or a step folder).')
-config_flags.DEFINE_config_file('config', None, 'Path to a config file.',
-                                lock_config=True)
-flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def _load_config():
@@ -108,5 +98,23 @@ def main(argv):
     sys.exit(e.exit_status)
 
 
+def define_flags() -> None:
+  """The CLI's flags, defined only when run so that imports never clash."""
+  flags.DEFINE_string('workdir', None,
+                      'Directory for checkpoints and metrics.')
+  flags.DEFINE_bool('eval_only', False,
+                    'Evaluate the latest checkpoint (or --checkpoint); no '
+                    'training.')
+  flags.DEFINE_string('checkpoint', None,
+                      'Checkpoint to evaluate with --eval_only (a workdir, '
+                      'its checkpoints/ folder or a step folder).')
+  config_flags.DEFINE_config_file('config', None, 'Path to a config file.',
+                                  lock_config=True)
+  flags.mark_flags_as_required(['config', 'workdir'])
+  distributed.define_flags()
+  flags.adopt_module_key_flags(distributed)  # Listed by --help too.
+
+
 if __name__ == '__main__':
+  define_flags()
   app.run(main, flags_parser=_parse_flags)

@@ -19,16 +19,6 @@ from darknet53_jax import errors
 from darknet53_jax import input_pipeline
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('dataset', None, 'Dataset name, as config.dataset.')
-flags.DEFINE_string('data_dir', None,
-                    'Where to write the prepared dataset (config.data_dir); '
-                    'default: tfds\'s.')
-flags.DEFINE_string('manual_dir', None,
-                    'Directory holding manually downloaded archives (for '
-                    'imagenet2012: ILSVRC2012_img_train.tar and '
-                    'ILSVRC2012_img_val.tar); default DATA_DIR/downloads/'
-                    'manual.')
-flags.mark_flag_as_required('dataset')
 
 
 def prepare(dataset: str, data_dir: str | None,
@@ -72,5 +62,20 @@ def main(argv):
     sys.exit(f'error: {e}')
 
 
+def define_flags() -> None:
+  """The CLI's flags, defined only when run so that imports never clash."""
+  flags.DEFINE_string('dataset', None, 'Dataset name, as config.dataset.')
+  flags.DEFINE_string('data_dir', None,
+                      'Where to write the prepared dataset (config.data_dir); '
+                      'default: tfds\'s.')
+  flags.DEFINE_string('manual_dir', None,
+                      'Directory holding manually downloaded archives (for '
+                      'imagenet2012: ILSVRC2012_img_train.tar and '
+                      'ILSVRC2012_img_val.tar); default DATA_DIR/downloads/'
+                      'manual.')
+  flags.mark_flag_as_required('dataset')
+
+
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
