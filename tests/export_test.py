@@ -80,6 +80,19 @@ def _export_cli(*args: str) -> subprocess.CompletedProcess:
       check=False)
 
 
+def test_cli_exports_for_any_batch_size_by_default(tiny_checkpoint,
+                                                   flax_logits, tmp_path):
+  result = _export_cli(f'--checkpoint={tiny_checkpoint}',
+                       '--format=saved_model', f'--output={tmp_path}',
+                       '--platforms=cpu')
+  assert result.returncode == 0, result.stderr[-2000:]
+  serving = tf.saved_model.load(str(tmp_path)).signatures['serving_default']
+  for batch in (1, 3):
+    images = _images(batch)
+    got = serving(images=tf.constant(images))['logits'].numpy()
+    assert _relative_difference(got, flax_logits(images)) < 1e-5
+
+
 def test_cli_bad_input_is_one_line(tmp_path):
   result = _export_cli(f'--checkpoint={tmp_path}', '--format=stablehlo',
                        f'--output={tmp_path / "export"}')
