@@ -1,14 +1,15 @@
 """Orbax checkpoints: the train state plus the config that made it.
 
 A checkpoint directory (a workdir's ``checkpoints/``) holds one folder per
-step. Each step stores ``state`` (the TrainState arrays) and ``config`` (JSON),
-so predict and export can rebuild the model and its eval protocol from the
-checkpoint alone. Orbax commits a step atomically: an interrupted save
-leaves no step that restores.
+step. Each step stores ``state`` (the TrainState arrays), ``config`` (JSON)
+and, when the run knew them, ``class_names`` (JSON: the dataset and its label
+names), so predict and export can rebuild the model, its eval protocol and
+its labels from the checkpoint alone. Orbax commits a step atomically: an
+interrupted save leaves no step that restores.
 """
 
 import os
-from typing import Any
+from typing import Any, Sequence
 
 from absl import logging
 import jax
@@ -17,10 +18,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-STATE = 'state'
 from darknet53_jax import errors
 
+STATE = 'state'
 CONFIG = 'config'
+CLASS_NAMES = 'class_names'
 WORKDIR_SUBDIR = 'checkpoints'
 MODEL_COLLECTIONS = ('params', 'batch_stats')
 
@@ -43,18 +45,32 @@ class CheckpointManager:
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
                                              create=True),
         item_handlers={STATE: ocp.StandardCheckpointHandler(),
-                       CONFIG: ocp.JsonCheckpointHandler()})
+                       CONFIG: ocp.JsonCheckpointHandler(),
+                       CLASS_NAMES: ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, step: int, state: Any,
-           config: ml_collections.ConfigDict) -> None:
-    """Starts an asynchronous save; ``wait`` or ``close`` finishes it."""
-    self._manager.save(step, args=ocp.args.Composite(**{
-        STATE: ocp.args.StandardSave(state),
-        CONFIG: ocp.args.JsonSave(config.to_dict()),
-    }))
+  def save(self, step: int, state: Any, config: ml_collections.ConfigDict,
+           class_names: Sequence[str] | None = None) -> None:
+    """Starts an asynchronous save; ``wait`` or ``close`` finishes it.
+
+    Args:
+      step: the training step.
+      state: the train state (or any pytree holding ``MODEL_COLLECTIONS``).
+      config: the run's config, saved as JSON.
+      class_names: the label names of ``config.dataset`` by class index, if
+        known; saved with the dataset name for predict and export.
+    """
+    items = {STATE: ocp.args.StandardSave(state),
+             CONFIG: ocp.args.JsonSave(config.to_dict())}
+    if class_names is not None:
+      if len(class_names) != config.num_classes:
+        raise ValueError(f'{len(class_names)} class names for '
+                         f'config.num_classes={config.num_classes}.')
+      items[CLASS_NAMES] = ocp.args.JsonSave(
+          {'dataset': config.dataset, 'names': list(class_names)})
+    self._manager.save(step, args=ocp.args.Composite(**items))
 
   def restore(self, template: Any, step: int | None = None) -> Any:
     """Restores the state at ``step`` (default: latest) into ``template``'s
@@ -167,6 +183,28 @@ def load_config(path: str) -> ml_collections.ConfigDict:
   step_dir = _step_directory(path)
   return ml_collections.ConfigDict(
       ocp.JsonCheckpointHandler().restore(step_dir / CONFIG))
+
+
+def load_class_names(path: str) -> list[str] | None:
+  """The label names saved beside a checkpoint, by class index.
+
+  Returns:
+    The names, or None for a checkpoint saved without them (older ones, and
+    runs whose dataset has no label names).
+
+  Raises:
+    CheckpointError: the names do not match the saved config's classes.
+  """
+  item = _step_directory(path) / CLASS_NAMES
+  if not item.exists():
+    return None
+  names = list(ocp.JsonCheckpointHandler().restore(item)['names'])
+  num_classes = load_config(path).num_classes
+  if len(names) != num_classes:
+    raise CheckpointError(
+        f'{item} holds {len(names)} class names for a {num_classes}-class '
+        'model: remove that folder to label the classes by index.')
+  return names
 
 
 def check_compatible(variables: dict, reference: dict, source: str) -> None:
