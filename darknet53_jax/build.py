@@ -2,7 +2,7 @@
 learning-rate schedule, the optimiser, the replicated train state and the
 compiled-on-first-call steps.
 
-The trainer, the tests and the benchmarks all build their runs here, so
+The training loop, the tests and the benchmarks all build their runs here, so
 what they measure is what ``main`` trains.
 """
 

@@ -1,14 +1,15 @@
 """Orbax checkpoints: the train state plus the config that made it.
 
 A checkpoint directory (a workdir's ``checkpoints/``) holds one folder per
-step. Each step stores ``state`` (the TrainState arrays) and ``config`` (JSON),
-so predict and export can rebuild the model and its eval protocol from the
-checkpoint alone. Orbax commits a step atomically: an interrupted save
-leaves no step that restores.
+step. Each step stores ``state`` (the TrainState arrays), ``config`` (JSON)
+and, when the run knew them, ``class_names`` (JSON: the dataset and its label
+names), so predict and export can rebuild the model, its eval protocol and
+its labels from the checkpoint alone. Orbax commits a step atomically: an
+interrupted save leaves no step that restores.
 """
 
 import os
-from typing import Any
+from typing import Any, Sequence
 
 from absl import logging
 import jax
@@ -17,13 +18,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from darknet53_jax import errors
+
 STATE = 'state'
 CONFIG = 'config'
+CLASS_NAMES = 'class_names'
 WORKDIR_SUBDIR = 'checkpoints'
 MODEL_COLLECTIONS = ('params', 'batch_stats')
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.UserError, ValueError):
   """A checkpoint that is missing or does not fit the model."""
 
 
@@ -41,18 +45,32 @@ class CheckpointManager:
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
                                              create=True),
         item_handlers={STATE: ocp.StandardCheckpointHandler(),
-                       CONFIG: ocp.JsonCheckpointHandler()})
+                       CONFIG: ocp.JsonCheckpointHandler(),
+                       CLASS_NAMES: ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, step: int, state: Any,
-           config: ml_collections.ConfigDict) -> None:
-    """Starts an asynchronous save; ``wait`` or ``close`` finishes it."""
-    self._manager.save(step, args=ocp.args.Composite(**{
-        STATE: ocp.args.StandardSave(state),
-        CONFIG: ocp.args.JsonSave(config.to_dict()),
-    }))
+  def save(self, step: int, state: Any, config: ml_collections.ConfigDict,
+           class_names: Sequence[str] | None = None) -> None:
+    """Starts an asynchronous save; ``wait`` or ``close`` finishes it.
+
+    Args:
+      step: the training step.
+      state: the train state (or any pytree holding ``MODEL_COLLECTIONS``).
+      config: the run's config, saved as JSON.
+      class_names: the label names of ``config.dataset`` by class index, if
+        known; saved with the dataset name for predict and export.
+    """
+    items = {STATE: ocp.args.StandardSave(state),
+             CONFIG: ocp.args.JsonSave(config.to_dict())}
+    if class_names is not None:
+      if len(class_names) != config.num_classes:
+        raise ValueError(f'{len(class_names)} class names for '
+                         f'config.num_classes={config.num_classes}.')
+      items[CLASS_NAMES] = ocp.args.JsonSave(
+          {'dataset': config.dataset, 'names': list(class_names)})
+    self._manager.save(step, args=ocp.args.Composite(**items))
 
   def restore(self, template: Any, step: int | None = None) -> Any:
     """Restores the state at ``step`` (default: latest) into ``template``'s
@@ -70,7 +88,8 @@ class CheckpointManager:
     try:
       saved = self._manager.item_metadata(step)[STATE].tree
     except Exception as e:  # pylint: disable=broad-except
-      raise DamagedCheckpointError(f'{source}: {_first_line(e)}') from None
+      raise DamagedCheckpointError(
+          f'{source}: {errors.first_line(e)}') from None
     check_compatible(
         {k: saved[k] for k in MODEL_COLLECTIONS},
         {k: getattr(template, k) for k in MODEL_COLLECTIONS}, source)
@@ -81,7 +100,8 @@ class CheckpointManager:
     except Exception as e:  # pylint: disable=broad-except
       # Damage or a changed optimiser/precision surfaces as whatever the
       # storage layer raises.
-      raise DamagedCheckpointError(f'{source}: {_first_line(e)}') from None
+      raise DamagedCheckpointError(
+          f'{source}: {errors.first_line(e)}') from None
     return restored[STATE]
 
   def restore_latest_good(self, template: Any) -> Any | None:
@@ -111,11 +131,6 @@ class CheckpointManager:
 
   def close(self) -> None:
     self._manager.close()
-
-
-def _first_line(error: Exception) -> str:
-  return str(error).strip().splitlines()[0] if str(error).strip() else repr(
-      error)
 
 
 def workdir_checkpoints(workdir: str) -> epath.Path:
@@ -168,6 +183,28 @@ def load_config(path: str) -> ml_collections.ConfigDict:
   step_dir = _step_directory(path)
   return ml_collections.ConfigDict(
       ocp.JsonCheckpointHandler().restore(step_dir / CONFIG))
+
+
+def load_class_names(path: str) -> list[str] | None:
+  """The label names saved beside a checkpoint, by class index.
+
+  Returns:
+    The names, or None for a checkpoint saved without them (older ones, and
+    runs whose dataset has no label names).
+
+  Raises:
+    CheckpointError: the names do not match the saved config's classes.
+  """
+  item = _step_directory(path) / CLASS_NAMES
+  if not item.exists():
+    return None
+  names = list(ocp.JsonCheckpointHandler().restore(item)['names'])
+  num_classes = load_config(path).num_classes
+  if len(names) != num_classes:
+    raise CheckpointError(
+        f'{item} holds {len(names)} class names for a {num_classes}-class '
+        'model: remove that folder to label the classes by index.')
+  return names
 
 
 def check_compatible(variables: dict, reference: dict, source: str) -> None:

@@ -7,6 +7,7 @@ import os
 
 import ml_collections
 
+from darknet53_jax import errors
 from darknet53_jax import model as model_lib
 from darknet53_jax import optim
 from darknet53_jax import precision
@@ -14,7 +15,7 @@ from darknet53_jax import precision
 INTERPOLATIONS = ('bilinear', 'bicubic')
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UserError, ValueError):
   """A config value that cannot work."""
 
 

@@ -34,6 +34,7 @@ import numpy as np
 
 from darknet53_jax import checkpoints
 from darknet53_jax import config_defaults
+from darknet53_jax import errors
 from darknet53_jax import model as model_lib
 
 FLAGS = flags.FLAGS
@@ -64,7 +65,7 @@ _HEAD_KEY = 'head.fc.weight'
 _LISTED = 5  # Keys named in an error message.
 
 
-class ConversionError(ValueError):
+class ConversionError(errors.UserError, ValueError):
   """Weights that are unreadable or not laid out as timm's darknet53."""
 
 
@@ -174,7 +175,8 @@ def read_state_dict(path: str) -> Mapping[str, Any]:
     state = loader(path)
   except Exception as e:  # pylint: disable=broad-except
     # torch and safetensors raise many types for a corrupt or foreign file.
-    raise ConversionError(f'Cannot read {path}: {_first_line(e)}') from None
+    raise ConversionError(
+        f'Cannot read {path}: {errors.first_line(e)}') from None
   # timm's train.py checkpoints hold the weights under 'state_dict'.
   if isinstance(state, Mapping) and isinstance(state.get('state_dict'),
                                                Mapping):
@@ -235,17 +237,12 @@ def _listing(keys) -> str:
   return ', '.join(keys[:_LISTED]) + more
 
 
-def _first_line(error: Exception) -> str:
-  text = str(error).strip()
-  return text.splitlines()[0] if text else type(error).__name__
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   try:
     model = convert(FLAGS.input, FLAGS.output)
-  except (ConversionError, checkpoints.CheckpointError) as e:
+  except errors.UserError as e:
     sys.exit(f'error: {e}')
   logging.info('Wrote %s: Darknet-53, %d classes, width %g, depths %s.',
                FLAGS.output, model.num_classes, model.width_multiplier,

@@ -25,33 +25,16 @@ import jax
 from absl import flags
 from absl import logging
 
+from darknet53_jax import errors
+
 FLAGS = flags.FLAGS
 MODES = ('auto', 'on', 'off')
 # JAX aborts the process (a C++ check failure) when its own connection
 # deadline passes; give it this much longer so the watchdog speaks first.
 _JAX_DEADLINE_MARGIN_S = 60
 
-flags.DEFINE_enum('distributed', 'auto', MODES,
-                  'Join the JAX multi-process runtime: auto (when the '
-                  'coordinator flags or a SLURM, Open MPI or TPU-slice '
-                  'environment with several processes say so), on, or off.')
-flags.DEFINE_string('coordinator_address', None,
-                    'host:port of process 0, the same for all processes.')
-flags.DEFINE_integer('num_processes', None, 'Number of processes.')
-flags.DEFINE_integer('process_id', None, 'This process: 0 .. num_processes-1.')
-flags.DEFINE_list('local_device_ids', None,
-                  'Accelerators this process uses, e.g. 0,1,2,3 (default: '
-                  'all; one per process under SLURM or Open MPI).')
-flags.DEFINE_integer('distributed_timeout', 300,
-                     'Seconds to wait for all processes to join before '
-                     'exiting with an error.', lower_bound=1)
-flags.register_validator(
-    'local_device_ids', lambda ids: ids is None or all(
-        i.isdigit() for i in ids),
-    '--local_device_ids takes device numbers, e.g. 0,1,2,3.')
 
-
-class DistributedError(RuntimeError):
+class DistributedError(errors.UserError, RuntimeError):
   """The distributed runtime could not be started as asked."""
 
 
@@ -212,6 +195,29 @@ def tag_logs(process_index: int, process_count: int) -> None:
   if process_count > 1:
     logging.get_absl_handler().setFormatter(
         _ProcessFormatter(f'[process {process_index}/{process_count}]'))
+
+
+def define_flags() -> None:
+  """The flags that ``initialize_from_flags`` reads; the CLI calls this."""
+  flags.DEFINE_enum('distributed', 'auto', MODES,
+                    'Join the JAX multi-process runtime: auto (when the '
+                    'coordinator flags or a SLURM, Open MPI or TPU-slice '
+                    'environment with several processes say so), on, or off.')
+  flags.DEFINE_string('coordinator_address', None,
+                      'host:port of process 0, the same for all processes.')
+  flags.DEFINE_integer('num_processes', None, 'Number of processes.')
+  flags.DEFINE_integer('process_id', None,
+                       'This process: 0 .. num_processes-1.')
+  flags.DEFINE_list('local_device_ids', None,
+                    'Accelerators this process uses, e.g. 0,1,2,3 (default: '
+                    'all; one per process under SLURM or Open MPI).')
+  flags.DEFINE_integer('distributed_timeout', 300,
+                       'Seconds to wait for all processes to join before '
+                       'exiting with an error.', lower_bound=1)
+  flags.register_validator(
+      'local_device_ids',
+      lambda ids: ids is None or all(i.isdigit() for i in ids),
+      '--local_device_ids takes device numbers, e.g. 0,1,2,3.')
 
 
 def initialize_from_flags() -> bool:

@@ -2,7 +2,7 @@ r"""Exports a checkpoint's inference function: normalised images -> logits.
 
   python -m darknet53_jax.export --checkpoint=PATH \
       --format=saved_model|stablehlo --output=DIR \
-      [--batch_size=N|dynamic] [--image_size=SIZE] [--platforms=cpu,cuda,tpu]
+      [--batch_size=dynamic|N] [--image_size=SIZE] [--platforms=cpu,cuda,tpu]
 
 The function takes float32 NHWC images already resized, centre-cropped and
 normalised as the checkpoint's eval preprocessing does (``config.json`` in
@@ -18,7 +18,8 @@ model runs in float32 with its BatchNorm statistics folded in.
   artefact with the weights embedded. Load with
   ``jax.export.deserialize(data).call(images)``.
 
-``--batch_size=dynamic`` exports one function for every batch size.
+By default (``--batch_size=dynamic``) the export takes any batch size, as a
+served model must; ``--batch_size=N`` fixes it to N.
 """
 
 import json
@@ -36,7 +37,7 @@ import numpy as np
 from etils import epath
 import tensorflow as tf
 
-from darknet53_jax import checkpoints
+from darknet53_jax import errors
 from darknet53_jax import model as model_lib
 from darknet53_jax import predict
 
@@ -49,7 +50,7 @@ DEFAULT_PLATFORMS = ('cpu', 'cuda', 'tpu')
 PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 
 
-class ExportError(ValueError):
+class ExportError(errors.UserError, ValueError):
   """Export arguments that cannot work."""
 
 
@@ -132,7 +133,8 @@ def parse_batch_size(value: str) -> int | None:
 
 
 def export_checkpoint(checkpoint: str, export_format: str, output_dir: str,
-                      batch_size: int | None, image_size: int | None = None,
+                      batch_size: int | None = None,
+                      image_size: int | None = None,
                       platforms: Sequence[str] = DEFAULT_PLATFORMS) -> None:
   """Exports a checkpoint's inference function and its config to output_dir.
 
@@ -140,7 +142,7 @@ def export_checkpoint(checkpoint: str, export_format: str, output_dir: str,
     checkpoint: a workdir, its checkpoints/ folder or a step folder.
     export_format: one of FORMATS.
     output_dir: directory to write (must not hold an export already).
-    batch_size: fixed batch size, or None for any.
+    batch_size: fixed batch size, or None (the default) for any.
     image_size: input height and width; None: the config's eval_size.
     platforms: platforms the export can run on.
 
@@ -177,7 +179,7 @@ def main(argv):
     export_checkpoint(FLAGS.checkpoint, FLAGS.format, FLAGS.output,
                       parse_batch_size(FLAGS.batch_size), FLAGS.image_size,
                       FLAGS.platforms)
-  except (ExportError, checkpoints.CheckpointError) as e:
+  except errors.UserError as e:
     sys.exit(f'error: {e}')
   logging.info('Wrote %s.', os.path.abspath(FLAGS.output))
 
@@ -188,8 +190,9 @@ def define_flags() -> None:
                       'folder or one step folder.')
   flags.DEFINE_enum('format', None, FORMATS, 'What to write.')
   flags.DEFINE_string('output', None, 'Directory to write.')
-  flags.DEFINE_string('batch_size', '1',
-                      f'Batch size, or {DYNAMIC!r} for any batch size.')
+  flags.DEFINE_string('batch_size', DYNAMIC,
+                      f'{DYNAMIC!r}: any batch size (for serving); or a '
+                      'fixed batch size N.')
   flags.DEFINE_integer('image_size', None,
                        "Input height and width (default: the checkpoint's "
                        'eval_size).', lower_bound=1)

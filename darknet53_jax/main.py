@@ -20,30 +20,14 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from darknet53_jax import checkpoints
-from darknet53_jax import config_lib
 from darknet53_jax import distributed
-from darknet53_jax.datasets import registry
-from darknet53_jax import precision
+from darknet53_jax import errors
 from darknet53_jax import preemption
 from darknet53_jax import runtime
 from darknet53_jax import train_loop
 # pylint: enable=g-import-not-at-top,wrong-import-position,g-bad-import-order
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
-flags.DEFINE_bool('eval_only', False,
-                  'Evaluate the latest checkpoint (or --checkpoint); no '
-                  'training.')
-flags.DEFINE_string('checkpoint', None,
-                    'Checkpoint to evaluate with --eval_only (a workdir, its '
-                    'checkpoints/ folder or a step folder).')
-config_flags.DEFINE_config_file('config', None, 'Path to a config file.',
-                                lock_config=True)
-flags.mark_flags_as_required(['config', 'workdir'])
-
-FATAL_ERRORS = (config_lib.ConfigError, registry.DataError,
-                checkpoints.CheckpointError, precision.DivergedError)
 
 
 def _load_config():
@@ -106,7 +90,7 @@ def main(argv):
                                   FLAGS.checkpoint)
     else:
       train_loop.train_and_evaluate(config, FLAGS.workdir)
-  except FATAL_ERRORS as e:
+  except errors.UserError as e:
     logging.error('%s', e)
     sys.exit(f'error: {e}')
   except preemption.Preempted as e:
@@ -114,5 +98,23 @@ def main(argv):
     sys.exit(e.exit_status)
 
 
+def define_flags() -> None:
+  """The CLI's flags, defined only when run so that imports never clash."""
+  flags.DEFINE_string('workdir', None,
+                      'Directory for checkpoints and metrics.')
+  flags.DEFINE_bool('eval_only', False,
+                    'Evaluate the latest checkpoint (or --checkpoint); no '
+                    'training.')
+  flags.DEFINE_string('checkpoint', None,
+                      'Checkpoint to evaluate with --eval_only (a workdir, '
+                      'its checkpoints/ folder or a step folder).')
+  config_flags.DEFINE_config_file('config', None, 'Path to a config file.',
+                                  lock_config=True)
+  flags.mark_flags_as_required(['config', 'workdir'])
+  distributed.define_flags()
+  flags.adopt_module_key_flags(distributed)  # Listed by --help too.
+
+
 if __name__ == '__main__':
+  define_flags()
   app.run(main, flags_parser=_parse_flags)

@@ -17,11 +17,13 @@ import ml_collections
 from flax.training import dynamic_scale as dynamic_scale_lib
 from jax import lax
 
+from darknet53_jax import errors
+
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16,
           'float16': jnp.float16}
 
 
-class DivergedError(RuntimeError):
+class DivergedError(errors.UserError, RuntimeError):
   """Too many consecutive steps with a non-finite loss or gradient."""
 
 

@@ -10,6 +10,7 @@ then nonzero.
 """
 
 import sys
+from typing import Sequence
 
 from absl import app
 from absl import flags
@@ -22,17 +23,16 @@ from tensorflow_datasets.datasets.siscore import labels as imagenet_labels
 
 from darknet53_jax import build
 from darknet53_jax import checkpoints
+from darknet53_jax import errors
 from darknet53_jax import input_pipeline
-from darknet53_jax.datasets import registry
 from darknet53_jax import model as model_lib
 from darknet53_jax import steps
 
 FLAGS = flags.FLAGS
-IMAGENET_CLASSES = 1000
 TOP_K = 5
 
 
-class ImageError(ValueError):
+class ImageError(errors.UserError, ValueError):
   """A file that cannot be read or decoded as an image."""
 
 
@@ -56,21 +56,26 @@ def load_inference_model(
   return config, build.create_model(config), variables
 
 
-def class_names(config: ml_collections.ConfigDict) -> list[str]:
+def class_names(config: ml_collections.ConfigDict,
+                saved: Sequence[str] | None = None) -> list[str]:
   """Human-readable names of the config's classes, by label index.
 
-  1000 classes are ImageNet's, in the synset order of tensorflow-datasets and
-  timm; otherwise the dataset's ClassLabel names, else ``class <i>``.
+  Args:
+    config: the checkpoint's config.
+    saved: the names saved with the checkpoint
+      (``checkpoints.load_class_names``), if any.
+
+  Returns:
+    The saved names; for an ImageNet checkpoint saved without them,
+    ImageNet's 1000 names in the synset order of tensorflow-datasets and
+    timm; otherwise ``class <i>``.
   """
-  if config.num_classes == IMAGENET_CLASSES:
+  if saved is not None:
+    return list(saved)
+  if (config.dataset.startswith('imagenet') and
+      config.num_classes == len(imagenet_labels.IMAGENET_LABELS_LIST)):
     return list(imagenet_labels.IMAGENET_LABELS_LIST)
-  try:
-    names = registry.get_builder(config).info.features['label'].names
-  except (registry.DataError, KeyError):
-    names = []
-  if len(names) != config.num_classes:
-    return [f'class {i}' for i in range(config.num_classes)]
-  return list(names)
+  return [f'class {i}' for i in range(config.num_classes)]
 
 
 def load_image(path: str, config: ml_collections.ConfigDict) -> np.ndarray:
@@ -90,7 +95,7 @@ def load_image(path: str, config: ml_collections.ConfigDict) -> np.ndarray:
 def predict_files(checkpoint: str, paths: list[str]) -> int:
   """Prints each image's top classes; returns how many files failed."""
   config, model, variables = load_inference_model(checkpoint)
-  names = class_names(config)
+  names = class_names(config, checkpoints.load_class_names(checkpoint))
   normalize = steps.image_normalizer(config)
   probabilities = jax.jit(
       lambda v, images: jax.nn.softmax(model.apply(v, normalize(images))))
@@ -116,7 +121,7 @@ def main(argv):
   tf.config.set_visible_devices([], 'GPU')  # Keep TF off the accelerator.
   try:
     failed = predict_files(FLAGS.checkpoint, paths)
-  except checkpoints.CheckpointError as e:
+  except errors.UserError as e:
     sys.exit(f'error: {e}')
   if failed:
     sys.exit(f'error: {failed} of {len(paths)} files could not be '

@@ -2,11 +2,14 @@
 step" instead of killing the run mid-write.
 
 With several processes every process must stop at the same step, so the
-request comes from JAX's preemption sync point (the coordination service
-relays the SIGTERM that reached any process); a single process uses its own
-signal handlers.
+request comes from JAX's preemption sync point: the coordination service
+relays a SIGTERM that reached any process to all of them. It listens to
+SIGTERM only (JAX's preemption notifier installs a C handler for it and polls
+its flag every second), so a SIGINT is passed on to it as a SIGTERM to the
+own process. A single process uses its own signal handlers.
 """
 
+import os
 import signal
 import threading
 
@@ -32,13 +35,18 @@ class StopRequests:
 
   def __init__(self):
     self.signum = None
+    self._relayed = None
     self._previous = {}
 
   def __enter__(self):
-    if (jax.process_count() == 1 and
-        threading.current_thread() is threading.main_thread()):
-      for signum in SIGNALS:
-        self._previous[signum] = signal.signal(signum, self._record)
+    # Python sets signal handlers in the main thread only.
+    if threading.current_thread() is threading.main_thread():
+      if jax.process_count() == 1:
+        handlers = dict.fromkeys(SIGNALS, self._record)
+      else:
+        handlers = {signal.SIGINT: self._relay}
+      for signum, handler in handlers.items():
+        self._previous[signum] = signal.signal(signum, handler)
     return self
 
   def __exit__(self, *exc_info):
@@ -50,9 +58,15 @@ class StopRequests:
     del frame
     self.signum = signum
 
+  def _relay(self, signum, frame):
+    """Hands a signal to JAX's preemption notifier, which hears SIGTERM."""
+    del frame
+    self._relayed = signum
+    os.kill(os.getpid(), signal.SIGTERM)
+
   def requested(self, step: int) -> bool:
     """Whether to stop after ``step``; the same answer on every process."""
     if jax.process_count() > 1:
       if multihost_utils.reached_preemption_sync_point(step):
-        self.signum = signal.SIGTERM
+        self.signum = self._relayed or signal.SIGTERM
     return self.signum is not None

@@ -15,19 +15,10 @@ from absl import flags
 from absl import logging
 import tensorflow_datasets as tfds
 
+from darknet53_jax import errors
 from darknet53_jax.datasets import registry
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('dataset', None, 'Dataset name, as config.dataset.')
-flags.DEFINE_string('data_dir', None,
-                    'Where to write the prepared dataset (config.data_dir); '
-                    'default: tfds\'s.')
-flags.DEFINE_string('manual_dir', None,
-                    'Directory holding manually downloaded archives (for '
-                    'imagenet2012: ILSVRC2012_img_train.tar and '
-                    'ILSVRC2012_img_val.tar); default DATA_DIR/downloads/'
-                    'manual.')
-flags.mark_flag_as_required('dataset')
 
 
 def prepare(dataset: str, data_dir: str | None,
@@ -67,9 +58,24 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   try:
     prepare(FLAGS.dataset, FLAGS.data_dir, FLAGS.manual_dir)
-  except registry.DataError as e:
+  except errors.UserError as e:
     sys.exit(f'error: {e}')
 
 
+def define_flags() -> None:
+  """The CLI's flags, defined only when run so that imports never clash."""
+  flags.DEFINE_string('dataset', None, 'Dataset name, as config.dataset.')
+  flags.DEFINE_string('data_dir', None,
+                      'Where to write the prepared dataset (config.data_dir); '
+                      'default: tfds\'s.')
+  flags.DEFINE_string('manual_dir', None,
+                      'Directory holding manually downloaded archives (for '
+                      'imagenet2012: ILSVRC2012_img_train.tar and '
+                      'ILSVRC2012_img_val.tar); default DATA_DIR/downloads/'
+                      'manual.')
+  flags.mark_flag_as_required('dataset')
+
+
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -5,6 +5,7 @@ metric writers together; every process runs the same code on its own share
 of the data.
 """
 
+import functools
 import time
 
 import jax
@@ -168,6 +169,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   manager = checkpoints.CheckpointManager(
       checkpoints.workdir_checkpoints(workdir), config.max_checkpoints_to_keep)
+  # Each checkpoint carries its config and the dataset's class names.
+  save = functools.partial(manager.save, config=config,
+                           class_names=registry.class_names(builder))
   restored = manager.restore_latest_good(state)
   if restored is not None:
     state = restored
@@ -232,16 +236,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           eval_metrics = _evaluate_all(state, eval_step, mesh, eval_sets,
                                        config, writer, done)
         if last or epoch % config.checkpoint_every_epochs == 0:
-          manager.save(done, state, config)
+          save(done, state)
       if stop.requested(done) and done < total_steps:
-        _save_and_close(manager, done, state, config)
+        _save_and_close(manager, save, done, state)
         writer.flush()
         raise preemption.Preempted(done, stop.signum)
   if end_step == total_steps and not eval_metrics:
     # Resumed from the final checkpoint: nothing trained, evaluate it.
     eval_metrics = _evaluate_all(state, eval_step, mesh, eval_sets, config,
                                  writer, end_step)
-  _save_and_close(manager, end_step, state, config)
+  _save_and_close(manager, save, end_step, state)
   writer.flush()
   if end_step < total_steps:
     logging.info('Stopped at step %d of %d; rerun to resume.', end_step,
@@ -249,10 +253,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   return eval_metrics
 
 
-def _save_and_close(manager, step: int, state, config) -> None:
-  """Checkpoints ``step`` unless already saved, and waits for the write."""
+def _save_and_close(manager, save, step: int, state) -> None:
+  """Checkpoints ``step`` with ``save`` unless already saved, and waits for
+  the write."""
   if manager.latest_step() != step:
-    manager.save(step, state, config)
+    save(step, state)
   manager.wait()
   manager.close()
   logging.info('Checkpoint for step %d is complete in %s.', step,

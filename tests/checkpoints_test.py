@@ -64,3 +64,41 @@ def test_check_compatible_names_the_mismatch():
   b = {'params': {'head': {'kernel': np.zeros((4, 11))}}}
   with pytest.raises(checkpoints.CheckpointError, match=r"\['head'\]"):
     checkpoints.check_compatible(a, b, 'ckpt')
+
+
+DIGITS = [f'digit {i}' for i in range(10)]
+
+
+def test_class_names_are_saved_with_the_dataset(tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  config = conftest.tiny_config()
+  manager = checkpoints.CheckpointManager(tmp_path)
+  manager.save(3, _state(config).replace(step=3), config, class_names=DIGITS)
+  manager.wait()
+  assert int(manager.restore(_state(config)).step) == 3
+  manager.close()
+  assert checkpoints.load_class_names(str(tmp_path)) == DIGITS
+  saved = json.loads(
+      (tmp_path / '3' / checkpoints.CLASS_NAMES / 'metadata').read_text())
+  assert saved == {'dataset': 'sklearn_digits', 'names': DIGITS}
+
+
+def test_checkpoint_without_class_names_loads(saved):
+  workdir, _, _ = saved
+  assert not (workdir / 'checkpoints' / '7' / checkpoints.CLASS_NAMES).exists()
+  assert checkpoints.load_class_names(str(workdir)) is None
+
+
+def test_class_names_that_do_not_fit_are_refused(tmp_path):
+  config = conftest.tiny_config()
+  manager = checkpoints.CheckpointManager(tmp_path)
+  with pytest.raises(ValueError, match='9 class names for '
+                     'config.num_classes=10'):
+    manager.save(1, _state(config), config, class_names=DIGITS[:9])
+  manager.save(1, _state(config), config, class_names=DIGITS)
+  manager.close()
+  item = tmp_path / '1' / checkpoints.CLASS_NAMES
+  (item / 'metadata').write_text('{"names": ["only one"]}')
+  with pytest.raises(checkpoints.CheckpointError,
+                     match='1 class names for a 10-class model: remove'):
+    checkpoints.load_class_names(str(tmp_path))

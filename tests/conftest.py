@@ -165,7 +165,8 @@ def write_checkpoint(directory: str, config: ml_collections.ConfigDict,
 @pytest.fixture(scope='session')
 def tiny_checkpoint(tmp_path_factory):
   """A random sklearn_digits model of ``tiny_config``, saved as a run would
-  (its class names come from tfds). Read it, do not write it."""
+  (without class names, as checkpoints before they were saved). Read it, do
+  not write it."""
   directory = str(tmp_path_factory.mktemp('tiny') / 'checkpoints')
   write_checkpoint(directory, tiny_config())
   return directory

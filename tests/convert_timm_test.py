@@ -130,14 +130,18 @@ def test_mismatched_state_dicts_are_refused(tiny_timm_model, edit, message):
     convert_timm.load_timm_state_dict(state)
 
 
+def _convert_cli(weights, output) -> subprocess.CompletedProcess:
+  return subprocess.run(
+      [sys.executable, '-m', 'darknet53_jax.convert_timm',
+       f'--input={weights}', f'--output={output}'],
+      cwd=REPO, capture_output=True, text=True, check=False)
+
+
 def test_cli_writes_a_checkpoint_that_loads(tiny_timm_model, tmp_path):
   weights = tmp_path / 'tiny.pth'
   torch.save(tiny_timm_model.state_dict(), weights)
   output = tmp_path / 'converted'
-  result = subprocess.run(
-      [sys.executable, '-m', 'darknet53_jax.convert_timm',
-       f'--input={weights}', f'--output={output}'],
-      cwd=REPO, capture_output=True, text=True, check=False)
+  result = _convert_cli(weights, output)
   assert result.returncode == 0, result.stderr[-2000:]
 
   _, want = convert_timm.load_timm_state_dict(tiny_timm_model.state_dict())
@@ -152,8 +156,12 @@ def test_cli_writes_a_checkpoint_that_loads(tiny_timm_model, tmp_path):
   assert (config.eval_size, config.eval_crop_pct, config.interpolation,
           config.dtype) == (256, 0.887, 'bicubic', 'float32')
 
-  with pytest.raises(convert_timm.ConversionError, match='already holds'):
-    convert_timm.convert(str(weights), str(output))
+  again = _convert_cli(weights, output)
+  assert again.returncode == 1
+  assert again.stderr.strip().splitlines()[-1] == (
+      f'error: {output} already holds a checkpoint: give a new --output '
+      'directory.')
+  assert 'Traceback' not in again.stderr
 
 
 def test_safetensors_input_matches_torch_pickle(tiny_timm_model, tmp_path):

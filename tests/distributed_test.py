@@ -274,20 +274,19 @@ def test_single_process_does_not_initialize():
   assert not distributed.initialize('auto', environ={})
 
 
-def test_on_without_a_cluster_raises_a_clear_error():
-  code = ('from darknet53_jax import distributed\n'
-          'try:\n'
-          '  distributed.initialize("on", environ={})\n'
-          'except distributed.DistributedError as e:\n'
-          '  print(e)\n')
+def test_on_without_a_cluster_stops_with_one_line(tmp_path):
   env = {k: v for k, v in conftest.subprocess_env(1).items()
          if not k.startswith(('SLURM_', 'OMPI_', 'JAX_COORDINATOR'))}
-  result = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120,
-                          check=True)
-  assert result.stdout.startswith(
-      'Cannot start the JAX distributed runtime (coordinator_address should '
-      'be defined): pass --coordinator_address'), result.stdout
+  result = subprocess.run(
+      _main('--config=configs/quickstart.py', f'--workdir={tmp_path}',
+            '--distributed=on'),
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+      check=False)
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      'error: Cannot start the JAX distributed runtime (coordinator_address '
+      'should be defined): pass --coordinator_address'), result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr
 
 
 LAUNCHERS = ('train_gpu.sh', 'train_slurm.sbatch', 'train_tpu_vm.sh',
@@ -343,6 +342,47 @@ def test_launchers_pass_the_config_and_overrides(tmp_path):
       '--command=cd darknet53_jax && python3 -m darknet53_jax.main '
       '--config=configs/imagenet.py --workdir=gs://w --config.data_dir=gs://d '
       '--config.dtype=bfloat16 --distributed=on')
+
+
+def _fake_slurm(directory, exit_on_sigterm: int) -> dict:
+  """An environment for train_slurm.sbatch as job 7 whose srun stands for
+  the training processes: it runs until scancel passes SIGTERM on, then
+  exits with ``exit_on_sigterm``. scancel and scontrol log their arguments to
+  ``directory/calls``."""
+  commands = {
+      'srun': f'trap "exit {exit_on_sigterm}" TERM\n'
+              f'echo $$ > {directory}/srun.pid\n'
+              'while true; do sleep 0.1; done\n',
+      'scancel': f'echo scancel "$@" >> {directory}/calls\n'
+                 f'kill -TERM "$(cat {directory}/srun.pid)"\n',
+      'scontrol': f'echo scontrol "$@" >> {directory}/calls\n',
+  }
+  for name, body in commands.items():
+    path = directory / name
+    path.write_text(f'#!/usr/bin/env bash\n{body}')
+    path.chmod(0o755)
+  return dict(os.environ, PATH=f'{directory}:{os.environ["PATH"]}',
+              SLURM_JOB_ID='7', SLURM_SUBMIT_DIR=REPO,
+              SLURM_NTASKS_PER_NODE='8')
+
+
+@pytest.mark.parametrize('exit_on_sigterm, requeued', [(143, True),
+                                                        (1, False)])
+def test_slurm_job_passes_sigterm_on_and_requeues_if_checkpointed(
+    tmp_path, exit_on_sigterm, requeued):
+  job = subprocess.Popen(
+      ['bash', os.path.join(REPO, 'launch', 'train_slurm.sbatch'), '/data',
+       'w'], env=_fake_slurm(tmp_path, exit_on_sigterm),
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 30
+  while not (tmp_path / 'srun.pid').exists() and time.time() < deadline:
+    time.sleep(0.1)
+  job.send_signal(signal.SIGTERM)  # As SLURM's --signal=B:TERM does.
+  _, stderr = job.communicate(timeout=30)
+  assert job.returncode == exit_on_sigterm, stderr
+  calls = (tmp_path / 'calls').read_text().splitlines()
+  assert calls == ['scancel --signal=TERM 7'] + (
+      ['scontrol requeue 7'] if requeued else [])
 
 
 if __name__ == '__main__':

@@ -1,6 +1,8 @@
 """Tests for darknet53_jax.export: each export reloads and matches Flax."""
 
 import json
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -9,6 +11,7 @@ import tensorflow as tf
 
 from darknet53_jax import export
 from darknet53_jax import predict
+from tests import conftest
 
 # (--batch_size, batch sizes to call the export with, --platforms).
 BATCHES = {'fixed': (2, (2,), ('cpu',)),
@@ -68,6 +71,35 @@ def test_saved_model_reloads_and_matches_flax(tiny_checkpoint, flax_logits,
   got = serving(images=tf.constant(images))['logits'].numpy()
   assert _relative_difference(got, flax_logits(images)) < 1e-5
   assert (tmp_path / export.CONFIG_FILE).exists()
+
+
+def _export_cli(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run(
+      [sys.executable, '-m', 'darknet53_jax.export', *args], cwd=conftest.REPO,
+      env=conftest.subprocess_env(), capture_output=True, text=True,
+      check=False)
+
+
+def test_cli_exports_for_any_batch_size_by_default(tiny_checkpoint,
+                                                   flax_logits, tmp_path):
+  result = _export_cli(f'--checkpoint={tiny_checkpoint}',
+                       '--format=saved_model', f'--output={tmp_path}',
+                       '--platforms=cpu')
+  assert result.returncode == 0, result.stderr[-2000:]
+  serving = tf.saved_model.load(str(tmp_path)).signatures['serving_default']
+  for batch in (1, 3):
+    images = _images(batch)
+    got = serving(images=tf.constant(images))['logits'].numpy()
+    assert _relative_difference(got, flax_logits(images)) < 1e-5
+
+
+def test_cli_bad_input_is_one_line(tmp_path):
+  result = _export_cli(f'--checkpoint={tmp_path}', '--format=stablehlo',
+                       f'--output={tmp_path / "export"}')
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      f'error: No checkpoint at {tmp_path}: ')
+  assert 'Traceback' not in result.stderr
 
 
 def test_image_size_overrides_the_eval_size(tiny_checkpoint, tmp_path):

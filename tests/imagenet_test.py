@@ -1,5 +1,8 @@
 """ImageNet through the real tfds imagenet2012 builder, on a miniature fake."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -41,6 +44,20 @@ def test_prepare_names_the_missing_archive(tmp_path):
   with pytest.raises(registry.DataError,
                      match=f'^{fake_imagenet.VAL_TAR} not found in {manual}'):
     prepare_data.prepare('imagenet2012', str(tmp_path / 'tfds'), str(manual))
+
+
+def test_prepare_cli_names_the_missing_archives_in_one_line(tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'darknet53_jax.prepare_data',
+       '--dataset=imagenet2012', f'--data_dir={tmp_path / "tfds"}',
+       f'--manual_dir={tmp_path}'],
+      cwd=conftest.REPO, env=conftest.subprocess_env(), capture_output=True,
+      text=True, check=False)
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      f'error: {fake_imagenet.TRAIN_TAR} and {fake_imagenet.VAL_TAR} not '
+      f'found in {tmp_path}. Download ')
+  assert 'Traceback' not in result.stderr
 
 
 def _examples(builder, split):

@@ -65,6 +65,7 @@ def test_cli_trains_then_evaluates_only(digits_data_dir, tmp_path):
   trained = _main(*flags, '--config.profile_steps=2')
   assert trained.returncode == 0, trained.stderr[-2000:]
   assert checkpoints.checkpoint_step(workdir) == 11
+  assert checkpoints.load_class_names(workdir) == [str(d) for d in range(10)]
   assert any(name.startswith('events.out.tfevents')
              for name in os.listdir(workdir))
   # One profile of two steps, not one per hour of training.

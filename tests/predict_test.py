@@ -19,6 +19,20 @@ from tests import conftest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+NAMES = [f'digit {d}' for d in range(10)]
+
+
+@pytest.fixture(scope='module')
+def named_checkpoint(tiny_checkpoint, tmp_path_factory):
+  """``tiny_checkpoint``'s model saved with the class names ``NAMES``."""
+  directory = tmp_path_factory.mktemp('named')
+  manager = checkpoints.CheckpointManager(directory)
+  manager.save(1, checkpoints.load_variables(tiny_checkpoint),
+               checkpoints.load_config(tiny_checkpoint), class_names=NAMES)
+  manager.close()
+  return str(directory)
+
+
 @pytest.fixture(scope='module')
 def digit_png(tmp_path_factory):
   path = tmp_path_factory.mktemp('images') / 'digit.png'
@@ -44,6 +58,7 @@ def test_probabilities_are_the_models_on_eval_preprocessing(
     tiny_checkpoint, digit_png, capsys):
   assert predict.predict_files(tiny_checkpoint, [digit_png]) == 0
   printed = _parse(capsys.readouterr().out)[digit_png]
+  assert checkpoints.load_class_names(tiny_checkpoint) is None
   config, model, variables = predict.load_inference_model(tiny_checkpoint)
   image = input_pipeline.eval_preprocessing(config)(
       tf.io.read_file(digit_png))
@@ -53,26 +68,39 @@ def test_probabilities_are_the_models_on_eval_preprocessing(
   logits = jax.jit(model.apply)(variables, images)
   want = jax.nn.softmax(logits)[0]
   top = np.argsort(-want)[:predict.TOP_K]
-  assert [name for _, name in printed] == [str(i) for i in top]
+  assert [name for _, name in printed] == [f'class {i}' for i in top]
   np.testing.assert_allclose([p for p, _ in printed], want[top], atol=1e-4)
 
 
+def test_names_saved_with_the_checkpoint_are_printed(
+    tiny_checkpoint, named_checkpoint, digit_png, capsys):
+  predict.predict_files(tiny_checkpoint, [digit_png])
+  by_index = _parse(capsys.readouterr().out)[digit_png]
+  predict.predict_files(named_checkpoint, [digit_png])
+  by_name = _parse(capsys.readouterr().out)[digit_png]
+  assert by_name == [(p, NAMES[int(name.split()[1])]) for p, name in by_index]
+
+
+def _predict_cli(checkpoint: str, *paths: str) -> subprocess.CompletedProcess:
+  return subprocess.run(
+      [sys.executable, '-m', 'darknet53_jax.predict',
+       f'--checkpoint={checkpoint}', *paths],
+      cwd=REPO, capture_output=True, text=True, check=False)
+
+
 def test_cli_reports_bad_files_and_classifies_the_rest(
-    tiny_checkpoint, digit_png, tmp_path):
+    named_checkpoint, digit_png, tmp_path):
   notes = tmp_path / 'notes.txt'
   notes.write_text('not an image')
   missing = str(tmp_path / 'missing.jpg')
-  result = subprocess.run(
-      [sys.executable, '-m', 'darknet53_jax.predict',
-       f'--checkpoint={tiny_checkpoint}', missing, digit_png, str(notes)],
-      cwd=REPO, capture_output=True, text=True, check=False)
+  result = _predict_cli(named_checkpoint, missing, digit_png, str(notes))
   assert result.returncode == 1
   predictions = _parse(result.stdout)
   assert list(predictions) == [digit_png]
   probabilities = [p for p, _ in predictions[digit_png]]
   assert len(probabilities) == 5
   assert probabilities == sorted(probabilities, reverse=True)
-  assert {name for _, name in predictions[digit_png]} <= set('0123456789')
+  assert {name for _, name in predictions[digit_png]} <= set(NAMES)
   errors = [line for line in result.stderr.splitlines()
             if line.startswith('error: ')]
   assert errors == [
@@ -83,18 +111,27 @@ def test_cli_reports_bad_files_and_classifies_the_rest(
   ]
 
 
-def test_missing_checkpoint_is_refused(tmp_path):
-  with pytest.raises(checkpoints.CheckpointError, match='No checkpoint at'):
-    predict.predict_files(str(tmp_path), ['image.png'])
+def test_missing_checkpoint_is_one_line(tmp_path):
+  result = _predict_cli(str(tmp_path), 'image.png')
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == (
+      f'error: No checkpoint at {tmp_path}: give a workdir, its checkpoints/ '
+      'folder or one step folder inside it.')
+  assert 'Traceback' not in result.stderr
 
 
 def test_class_names():
   config = conftest.tiny_config()
-  assert predict.class_names(config) == [str(d) for d in range(10)]
-  config.num_classes = 1000
+  assert predict.class_names(config, NAMES) == NAMES
+  assert predict.class_names(config) == [f'class {d}' for d in range(10)]
+  config.dataset, config.num_classes = 'imagenet2012', 1000
   names = predict.class_names(config)
   assert len(names) == 1000
   assert names[0] == 'tench, Tinca tinca'
   assert names[999] == 'toilet tissue, toilet paper, bathroom tissue'
-  config.dataset, config.num_classes = 'no_such_dataset', 3
-  assert predict.class_names(config) == ['class 0', 'class 1', 'class 2']
+  # Not ImageNet's 1000 classes: an ImageNet variant of 200, or another
+  # dataset of 1000.
+  config.dataset, config.num_classes = 'imagenet_a', 200
+  assert predict.class_names(config)[199] == 'class 199'
+  config.dataset, config.num_classes = 'image_folder:/data', 1000
+  assert predict.class_names(config)[0] == 'class 0'

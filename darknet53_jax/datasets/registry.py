@@ -9,6 +9,7 @@ import ml_collections
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from darknet53_jax import errors
 from darknet53_jax.datasets import image_folder
 
 # Datasets that ship their data and so are prepared on first use.
@@ -18,7 +19,7 @@ MANUAL_FILES = {'imagenet2012': ('ILSVRC2012_img_train.tar',
                                  'ILSVRC2012_img_val.tar')}
 
 
-class DataError(ValueError):
+class DataError(errors.UserError, ValueError):
   """A dataset that is unknown, unprepared or mis-configured."""
 
 
