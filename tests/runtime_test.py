@@ -61,30 +61,34 @@ def test_configure_sets_the_flag_before_the_backend_starts(tmp_path):
                                    str(tmp_path)]
 
 
+def _import_datasets_with(set_visible_devices: str):
+  """Imports the datasets in a fresh process whose
+  ``tf.config.set_visible_devices`` is ``set_visible_devices`` (source
+  defining that function); returns the process."""
+  script = ('import tensorflow as tf\n'
+            f'{set_visible_devices}\n'
+            'tf.config.set_visible_devices = set_visible_devices\n'
+            'from darknet53_jax.datasets import registry\n'
+            'print(calls)\n')
+  return subprocess.run([sys.executable, '-c', script], cwd=conftest.REPO,
+                        capture_output=True, text=True, check=True)
+
+
 def test_tensorflow_never_sees_a_gpu_once_the_datasets_are_imported():
   # A CPU-only TensorFlow has no GPU to hide, so record the call instead.
-  script = (
-      'import tensorflow as tf\n'
+  result = _import_datasets_with(
       'calls = []\n'
-      'tf.config.set_visible_devices = lambda *a: calls.append(a)\n'
-      'from darknet53_jax.datasets import registry\n'
-      'print(calls)\n')
-  result = subprocess.run([sys.executable, '-c', script], cwd=conftest.REPO,
-                          capture_output=True, text=True, check=True)
+      'def set_visible_devices(*args):\n'
+      '  calls.append(args)')
   assert result.stdout.strip() == "[([], 'GPU')]"
 
 
 def test_datasets_import_after_tensorflow_placed_its_devices():
   # What a GPU build of TensorFlow raises once an op has run.
-  script = (
-      'import tensorflow as tf\n'
-      'def too_late(*args):\n'
-      '  raise RuntimeError("Visible devices cannot be modified")\n'
-      'tf.config.set_visible_devices = too_late\n'
-      'from darknet53_jax.datasets import registry\n'
-      'print("imported")\n')
-  result = subprocess.run([sys.executable, '-c', script], cwd=conftest.REPO,
-                          capture_output=True, text=True, check=True)
+  result = _import_datasets_with(
+      'calls = "imported"\n'
+      'def set_visible_devices(*args):\n'
+      '  raise RuntimeError("Visible devices cannot be modified")')
   assert result.stdout.strip() == 'imported'
   assert 'may hold GPU memory that JAX needs' in result.stderr
 
