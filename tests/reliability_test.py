@@ -10,6 +10,7 @@ import time
 import pytest
 
 from darknet53_jax import checkpoints
+from darknet53_jax import precision
 from darknet53_jax import train_loop
 from tests import conftest
 
@@ -113,6 +114,6 @@ def test_diverging_float32_run_stops_with_a_clear_error(digits_data_dir,
   config.warmup_epochs = 0
   config.max_consecutive_nonfinite_steps = 3
   config.log_every_steps = 1
-  with pytest.raises(train_loop.DivergedError, match='non-finite'):
+  with pytest.raises(precision.DivergedError, match='non-finite'):
     train_loop.train_and_evaluate(config, str(tmp_path))
   assert not (tmp_path / 'checkpoints' / '22').exists()
