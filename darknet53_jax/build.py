@@ -35,8 +35,9 @@ def create_model(config: ml_collections.ConfigDict) -> model_lib.Darknet53:
       num_classes=config.num_classes, activation=m.activation,
       negative_slope=m.negative_slope, width_multiplier=m.width_multiplier,
       stage_depths=tuple(m.stage_depths),
-      dtype=precision.compute_dtype(config), bn_momentum=m.bn_momentum,
-      bn_epsilon=m.bn_epsilon,
+      dtype=precision.compute_dtype(config), kernel_init=m.kernel_init,
+      head_init=m.head_init, bn_momentum=m.bn_momentum,
+      bn_epsilon=m.bn_epsilon, bn_unbiased_variance=m.bn_unbiased_variance,
       bn_axis_name=sharding.DATA_AXIS if config.sync_batch_norm else None,
       cpu_matmul_convs=m.cpu_matmul_convs)
 

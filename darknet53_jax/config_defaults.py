@@ -39,8 +39,20 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.negative_slope = 0.1
   config.model.width_multiplier = 1.0
   config.model.stage_depths = (1, 2, 8, 8, 4)
+  # Convolution kernels: 'he_normal' or 'xavier_uniform' (Glorot's uniform,
+  # the reference's XavierUniform). Classifier kernel: 'lecun_normal' (Flax's
+  # Dense default) or 'truncated_normal' (the reference's TruncatedNormal():
+  # std 0.01 cut at 2 std). Biases start at 0, BatchNorm at scale 1, bias 0.
+  config.model.kernel_init = 'he_normal'
+  config.model.head_init = 'lecun_normal'
+  # BatchNorm: weight of the old running statistic (the convention of Flax
+  # and MindSpore, whose momentum=0.1 is 0.1 here; PyTorch's m is 1 - m).
   config.model.bn_momentum = 0.9
   config.model.bn_epsilon = 1e-5
+  # True: the running variance takes the unbiased batch variance (n / (n - 1)
+  # times the biased one that normalises), as PyTorch and cuDNN (the
+  # reference's GPU BatchNorm) do; False: the biased one, as Flax does.
+  config.model.bn_unbiased_variance = False
   # CPU convolutions (faster there). None: on when JAX runs on CPUs, off on
   # GPUs and TPUs. False: XLA's convolutions everywhere, for jax.jvp and
   # for CPU results independent of the number of devices per process (see
