@@ -73,6 +73,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.lr_scaling = 'linear'  # peak = learning_rate * batch_size / 256.
   config.warmup_epochs = 5
   config.eta_min = 0.0
+  # The cosine after warm-up: 'per_step_after_warmup' (from the peak at the
+  # end of warm-up, every step) or 'per_epoch_from_epoch0' (the reference's:
+  # cos(pi * epoch / num_epochs), constant within an epoch).
+  config.cosine_schedule = 'per_step_after_warmup'
   config.momentum = 0.9
   config.nesterov = False
   config.weight_decay = 1e-4
