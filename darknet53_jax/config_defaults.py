@@ -60,11 +60,20 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.cpu_matmul_convs = ml_collections.config_dict.placeholder(bool)
   config.sync_batch_norm = True
 
-  # Precision: float16 with dynamic loss scaling (GPU), bfloat16 (TPU) or
-  # float32. Parameters and BatchNorm statistics are always float32.
+  # Precision: float16 with loss scaling (GPU), bfloat16 (TPU) or float32.
+  # Parameters and BatchNorm statistics are always float32.
   config.dtype = 'float16'
+  # float16 only: 'dynamic' starts at loss_scale, halves on a non-finite step
+  # and doubles after loss_scale_growth_interval finite ones; 'fixed' keeps
+  # loss_scale (the reference's FixedLossScaleManager).
+  config.loss_scale_mode = 'dynamic'
   config.loss_scale = 1024.0
   config.loss_scale_growth_interval = 2000
+  # True: a step with a non-finite loss or gradient changes nothing but the
+  # step and loss scale. False: it is applied as it is, non-finite values
+  # and all (the reference's drop_overflow_update=False); float16 then needs
+  # loss_scale_mode='fixed'.
+  config.skip_nonfinite_updates = True
 
   # Optimisation. batch_size is global (over all devices and processes).
   config.batch_size = 256
@@ -81,8 +90,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.nesterov = False
   config.weight_decay = 1e-4
   config.label_smoothing = 0.1
-  # float32/bfloat16: stop after this many consecutive non-finite steps
-  # (each is skipped without changing the state).
+  # Stop after this many consecutive non-finite steps, except in float16
+  # with a dynamic loss scale and skipped updates (it recovers from them).
   config.max_consecutive_nonfinite_steps = 20
 
   # Checkpoints, evaluation and logging.
