@@ -1,4 +1,6 @@
-"""Defaults shared by every recipe: the MindSpore reference's ImageNet recipe.
+"""Defaults shared by every recipe: our recommended ImageNet recipe
+(configs/imagenet.py). configs/imagenet_reference.py changes them to the
+MindSpore reference's.
 
 Each field is documented in the README's configuration table.
 """
