@@ -198,7 +198,8 @@ class Darknet53(nn.Module):
         inputs of a YOLOv3 head) instead of the logits.
 
     Returns:
-      float32 logits [batch, num_classes], or a tuple of three feature maps.
+      float32 logits [batch, num_classes] (float64 for a float64 ``dtype``),
+      or a tuple of three feature maps.
     """
     for field, choices in (('activation', ACTIVATIONS),
                            ('kernel_init', KERNEL_INITS),
@@ -231,4 +232,4 @@ class Darknet53(nn.Module):
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype,
                  kernel_init=HEAD_INITS[self.head_init], name='head')(x)
-    return jnp.asarray(x, jnp.float32)
+    return jnp.asarray(x, jnp.promote_types(self.dtype, jnp.float32))

@@ -42,14 +42,14 @@ def create_learning_rate_schedule(config: ml_collections.ConfigDict,
 
   def cosine_progress(step):
     if config.cosine_schedule == 'per_epoch_from_epoch0':
-      epoch = jnp.asarray(step, jnp.int32) // steps_per_epoch
+      epoch = jnp.asarray(jnp.asarray(step) // steps_per_epoch, float)
       return jnp.minimum(epoch / config.num_epochs, 1.0)
-    return jnp.clip((jnp.asarray(step, jnp.float32) - warmup_steps) /
+    return jnp.clip((jnp.asarray(step, float) - warmup_steps) /
                     decay_steps, 0.0, 1.0)
 
   def schedule(step):
     progress = cosine_progress(step)
-    step = jnp.asarray(step, jnp.float32)
+    step = jnp.asarray(step, float)
     warmup = peak * (step + 1) / max(1, warmup_steps)
     cosine = config.eta_min + (peak - config.eta_min) * 0.5 * (
         1 + jnp.cos(jnp.pi * progress))
