@@ -16,6 +16,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
+from darknet53_jax import config_defaults
 from darknet53_jax import model as model_lib
 from darknet53_jax import optim
 from darknet53_jax import precision
@@ -29,14 +30,21 @@ INIT_SIZE = 32
 
 def create_model(config: ml_collections.ConfigDict) -> model_lib.Darknet53:
   """The Darknet-53 that ``config.model`` describes, with
-  ``config.num_classes`` outputs."""
-  m = config.model
+  ``config.num_classes`` outputs.
+
+  Fields ``config.model`` lacks take their defaults: a checkpoint's config
+  from before a field existed still builds its model.
+  """
+  m = ml_collections.ConfigDict({
+      **config_defaults.get_config().model.to_dict(),
+      **config.model.to_dict()})
   return model_lib.Darknet53(
       num_classes=config.num_classes, activation=m.activation,
       negative_slope=m.negative_slope, width_multiplier=m.width_multiplier,
       stage_depths=tuple(m.stage_depths),
-      dtype=precision.compute_dtype(config), bn_momentum=m.bn_momentum,
-      bn_epsilon=m.bn_epsilon,
+      dtype=precision.compute_dtype(config), kernel_init=m.kernel_init,
+      head_init=m.head_init, bn_momentum=m.bn_momentum,
+      bn_epsilon=m.bn_epsilon, bn_unbiased_variance=m.bn_unbiased_variance,
       bn_axis_name=sharding.DATA_AXIS if config.sync_batch_norm else None,
       cpu_matmul_convs=m.cpu_matmul_convs)
 

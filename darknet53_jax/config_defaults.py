@@ -1,4 +1,6 @@
-"""Defaults shared by every recipe: the MindSpore reference's ImageNet recipe.
+"""Defaults shared by every recipe: our recommended ImageNet recipe
+(configs/imagenet.py). configs/imagenet_reference.py changes them to the
+MindSpore reference's.
 
 Each field is documented in the README's configuration table.
 """
@@ -39,8 +41,20 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.negative_slope = 0.1
   config.model.width_multiplier = 1.0
   config.model.stage_depths = (1, 2, 8, 8, 4)
+  # Convolution kernels: 'he_normal' or 'xavier_uniform' (Glorot's uniform,
+  # the reference's XavierUniform). Classifier kernel: 'lecun_normal' (Flax's
+  # Dense default) or 'truncated_normal' (the reference's TruncatedNormal():
+  # std 0.01 cut at 2 std). Biases start at 0, BatchNorm at scale 1, bias 0.
+  config.model.kernel_init = 'he_normal'
+  config.model.head_init = 'lecun_normal'
+  # BatchNorm: weight of the old running statistic (the convention of Flax
+  # and MindSpore, whose momentum=0.1 is 0.1 here; PyTorch's m is 1 - m).
   config.model.bn_momentum = 0.9
   config.model.bn_epsilon = 1e-5
+  # True: the running variance takes the unbiased batch variance (n / (n - 1)
+  # times the biased one that normalises), as PyTorch and cuDNN (the
+  # reference's GPU BatchNorm) do; False: the biased one, as Flax does.
+  config.model.bn_unbiased_variance = False
   # CPU convolutions (faster there). None: on when JAX runs on CPUs, off on
   # GPUs and TPUs. False: XLA's convolutions everywhere, for jax.jvp and
   # for CPU results independent of the number of devices per process (see
@@ -48,11 +62,20 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.cpu_matmul_convs = ml_collections.config_dict.placeholder(bool)
   config.sync_batch_norm = True
 
-  # Precision: float16 with dynamic loss scaling (GPU), bfloat16 (TPU) or
-  # float32. Parameters and BatchNorm statistics are always float32.
+  # Precision: float16 with loss scaling (GPU), bfloat16 (TPU) or float32.
+  # Parameters and BatchNorm statistics are always float32.
   config.dtype = 'float16'
+  # float16 only: 'dynamic' starts at loss_scale, halves on a non-finite step
+  # and doubles after loss_scale_growth_interval finite ones; 'fixed' keeps
+  # loss_scale (the reference's FixedLossScaleManager).
+  config.loss_scale_mode = 'dynamic'
   config.loss_scale = 1024.0
   config.loss_scale_growth_interval = 2000
+  # True: a step with a non-finite loss or gradient changes nothing but the
+  # step and loss scale. False: it is applied as it is, non-finite values
+  # and all (the reference's drop_overflow_update=False); float16 then needs
+  # loss_scale_mode='fixed'.
+  config.skip_nonfinite_updates = True
 
   # Optimisation. batch_size is global (over all devices and processes).
   config.batch_size = 256
@@ -61,12 +84,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.lr_scaling = 'linear'  # peak = learning_rate * batch_size / 256.
   config.warmup_epochs = 5
   config.eta_min = 0.0
+  # The cosine after warm-up: 'per_step_after_warmup' (from the peak at the
+  # end of warm-up, every step) or 'per_epoch_from_epoch0' (the reference's:
+  # cos(pi * epoch / num_epochs), constant within an epoch).
+  config.cosine_schedule = 'per_step_after_warmup'
   config.momentum = 0.9
   config.nesterov = False
   config.weight_decay = 1e-4
   config.label_smoothing = 0.1
-  # float32/bfloat16: stop after this many consecutive non-finite steps
-  # (each is skipped without changing the state).
+  # Stop after this many consecutive non-finite steps, except in float16
+  # with a dynamic loss scale and skipped updates (it recovers from them).
   config.max_consecutive_nonfinite_steps = 20
 
   # Checkpoints, evaluation and logging.

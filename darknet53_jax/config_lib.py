@@ -2,6 +2,7 @@
 work starts (with messages that say what to change), and its flat form for
 hyperparameter logs and command lines."""
 
+import functools
 import importlib.util
 import os
 
@@ -37,21 +38,30 @@ def _require(ok: bool, message: str) -> None:
 def validate(config: ml_collections.ConfigDict, device_count: int,
              process_count: int) -> None:
   """Raises ConfigError on the first value that cannot work."""
-  _require(config.dtype in precision.DTYPES,
-           f'config.dtype={config.dtype!r}: use one of '
-           f'{sorted(precision.DTYPES)}.')
-  _require(config.lr_scaling in optim.LR_SCALING_RULES,
-           f'config.lr_scaling={config.lr_scaling!r}: use one of '
-           f'{optim.LR_SCALING_RULES}.')
-  _require(config.model.activation in model_lib.ACTIVATIONS,
-           f'config.model.activation={config.model.activation!r}: use one of '
-           f'{model_lib.ACTIVATIONS}.')
+  for name, choices in (
+      ('dtype', tuple(sorted(precision.DTYPES))),
+      ('lr_scaling', optim.LR_SCALING_RULES),
+      ('cosine_schedule', optim.COSINE_SCHEDULES),
+      ('loss_scale_mode', precision.LOSS_SCALE_MODES),
+      ('model.activation', model_lib.ACTIVATIONS),
+      ('model.kernel_init', tuple(model_lib.KERNEL_INITS)),
+      ('model.head_init', tuple(model_lib.HEAD_INITS)),
+      ('interpolation', INTERPOLATIONS)):
+    value = functools.reduce(getattr, name.split('.'), config)
+    _require(value in choices,
+             f'config.{name}={value!r}: use one of {choices}.')
+  _require(0 <= config.model.bn_momentum <= 1,
+           f'config.model.bn_momentum={config.model.bn_momentum}: use a '
+           'value in [0, 1], the weight of the old running statistic '
+           "(MindSpore's convention; PyTorch's momentum m is 1 - m here).")
+  _require(config.skip_nonfinite_updates or config.dtype != 'float16' or
+           config.loss_scale_mode == 'fixed',
+           'config.skip_nonfinite_updates=False with float16 needs '
+           "config.loss_scale_mode='fixed' (a dynamic scale must skip the "
+           'steps it backs off on).')
   _require(len(config.model.stage_depths) == len(model_lib.STAGE_WIDTHS),
            f'config.model.stage_depths needs {len(model_lib.STAGE_WIDTHS)} '
            f'entries, got {tuple(config.model.stage_depths)}.')
-  _require(config.interpolation in INTERPOLATIONS,
-           f'config.interpolation={config.interpolation!r}: use one of '
-           f'{INTERPOLATIONS}.')
   for name in ('train_size', 'eval_size'):
     size = config[name]
     _require(size > 0 and size % 32 == 0,

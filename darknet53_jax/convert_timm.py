@@ -115,15 +115,18 @@ def infer_model(state_dict: Mapping[str, Any]) -> model_lib.Darknet53:
 
 
 def load_timm_state_dict(
-    state_dict: Mapping[str, Any]) -> tuple[model_lib.Darknet53, dict]:
+    state_dict: Mapping[str, Any],
+    dtype: Any = np.float32) -> tuple[model_lib.Darknet53, dict]:
   """Converts timm darknet53 weights to this project's model and variables.
 
   Args:
     state_dict: timm's tensor names -> torch tensors or NumPy arrays, as from
       ``torch.load(..., weights_only=True)`` or a safetensors file.
+    dtype: the NumPy dtype of the variables (float64 keeps a float64 model's
+      values, for numerical comparisons).
 
   Returns:
-    (model, ``{'params', 'batch_stats'}`` as float32 NumPy arrays): conv
+    (model, ``{'params', 'batch_stats'}`` as NumPy arrays): conv
     kernels OIHW -> HWIO, the classifier [out, in] -> [in, out], BatchNorm
     weight/bias/running_mean/running_var -> scale/bias/mean/var.
 
@@ -146,7 +149,7 @@ def load_timm_state_dict(
         f'{tuple(model.stage_depths)}: {"; ".join(problems)}.')
   converted = {}
   for key, path in paths.items():
-    array = _to_numpy(state_dict[key])
+    array = _to_numpy(state_dict[key], dtype)
     if array.ndim == 4:
       array = array.transpose(2, 3, 1, 0)  # OIHW -> HWIO.
     elif array.ndim == 2:
@@ -225,10 +228,10 @@ def _import(module: str, package: str):
                           f'{package}.') from None
 
 
-def _to_numpy(value: Any) -> np.ndarray:
+def _to_numpy(value: Any, dtype: Any) -> np.ndarray:
   if hasattr(value, 'detach'):  # A torch tensor; bfloat16 has no NumPy twin.
-    value = value.detach().cpu().float().numpy()
-  return np.asarray(value, np.float32)
+    value = value.detach().cpu().double().numpy()
+  return np.array(value, dtype)  # A copy: never a live tensor's memory.
 
 
 def _listing(keys) -> str:

@@ -6,6 +6,9 @@ import ml_collections
 import optax
 
 LR_SCALING_RULES = ('linear', 'none')
+# How the cosine after warm-up counts: ours, per step from the end of
+# warm-up, or the MindSpore reference's, per epoch from epoch 0.
+COSINE_SCHEDULES = ('per_step_after_warmup', 'per_epoch_from_epoch0')
 
 
 def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
@@ -21,18 +24,33 @@ def create_learning_rate_schedule(config: ml_collections.ConfigDict,
   """Linear warm-up, then cosine decay to ``config.eta_min``.
 
   Warm-up follows the reference: step i < warmup_steps gets
-  peak * (i + 1) / warmup_steps, so the first step already learns. The cosine
-  then runs per step over the remaining steps.
+  peak * (i + 1) / warmup_steps, so the first step already learns. Then
+  eta_min + (peak - eta_min) * (1 + cos(pi * progress)) / 2, where
+  ``config.cosine_schedule`` (one of COSINE_SCHEDULES) sets progress:
+
+  - 'per_step_after_warmup': (i - warmup_steps) / (total_steps -
+    warmup_steps), so the cosine starts at the peak when warm-up ends;
+  - 'per_epoch_from_epoch0': (i // steps_per_epoch) / num_epochs, the
+    reference's ``warmup_cosine_annealing_lr`` with T_max = num_epochs: it
+    is constant within an epoch, and the first epoch after warm-up is
+    already warmup_epochs / num_epochs of the way down.
   """
   peak = peak_learning_rate(config)
   warmup_steps = int(config.warmup_epochs * steps_per_epoch)
   total_steps = int(config.num_epochs * steps_per_epoch)
   decay_steps = max(1, total_steps - warmup_steps)
 
+  def cosine_progress(step):
+    if config.cosine_schedule == 'per_epoch_from_epoch0':
+      epoch = jnp.asarray(jnp.asarray(step) // steps_per_epoch, float)
+      return jnp.minimum(epoch / config.num_epochs, 1.0)
+    return jnp.clip((jnp.asarray(step, float) - warmup_steps) /
+                    decay_steps, 0.0, 1.0)
+
   def schedule(step):
-    step = jnp.asarray(step, jnp.float32)
+    progress = cosine_progress(step)
+    step = jnp.asarray(step, float)
     warmup = peak * (step + 1) / max(1, warmup_steps)
-    progress = jnp.clip((step - warmup_steps) / decay_steps, 0.0, 1.0)
     cosine = config.eta_min + (peak - config.eta_min) * 0.5 * (
         1 + jnp.cos(jnp.pi * progress))
     return jnp.where(step < warmup_steps, warmup, cosine)

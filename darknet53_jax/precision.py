@@ -3,10 +3,15 @@ step whose loss or gradients are not finite.
 
 Parameters, optimiser state and BatchNorm statistics are float32 in every
 mode; ``dtype`` is the precision of the convolutions and activations.
-float16 scales the loss dynamically (``flax.training.dynamic_scale``); in
-every mode a non-finite step changes no parameter, statistic or optimiser
-state. float16 expects such steps (the loss scale backs off); for float32 and
-bfloat16 a long run of them means the training diverged, and it stops.
+float16 scales the loss, dynamically (``flax.training.dynamic_scale``) or by
+a fixed factor (``config.loss_scale_mode``). By default a non-finite step
+changes no parameter, statistic or optimiser state; float16 with a dynamic
+scale expects such steps (the scale backs off), otherwise a long run of them
+means the training diverged, and it stops. With
+``config.skip_nonfinite_updates=False`` a non-finite step is applied as it
+is, as the MindSpore reference's ``FixedLossScaleManager(
+drop_overflow_update=False)`` does: its non-finite gradients reach the
+parameters and the momentum.
 """
 
 from typing import Any
@@ -21,6 +26,7 @@ from darknet53_jax import errors
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16,
           'float16': jnp.float16}
+LOSS_SCALE_MODES = ('dynamic', 'fixed')
 
 
 class DivergedError(errors.UserError, RuntimeError):
@@ -34,11 +40,17 @@ def compute_dtype(config: ml_collections.ConfigDict):
 
 def create_loss_scale(
     config: ml_collections.ConfigDict) -> dynamic_scale_lib.DynamicScale | None:
-  """float16's dynamic loss scale (None for float32 and bfloat16)."""
+  """float16's loss scale (None for float32 and bfloat16).
+
+  'dynamic' halves on a non-finite step and doubles after
+  ``loss_scale_growth_interval`` finite ones; 'fixed' is the same state with
+  both factors 1, so it keeps ``config.loss_scale`` and checkpoints alike.
+  """
   if config.dtype != 'float16':
     return None
+  factor = 2.0 if config.loss_scale_mode == 'dynamic' else 1.0
   return dynamic_scale_lib.DynamicScale(
-      growth_factor=2.0, backoff_factor=0.5,
+      growth_factor=factor, backoff_factor=1 / factor,
       growth_interval=config.loss_scale_growth_interval,
       scale=jnp.asarray(config.loss_scale, jnp.float32))
 
@@ -51,18 +63,28 @@ def all_finite(loss: jax.Array, grads: Any) -> jax.Array:
   return finite
 
 
-def apply_if_finite(state, finite: jax.Array, grads: Any,
-                    batch_stats: Any):
-  """``state.apply_gradients`` if ``finite``, else only ``step + 1``.
+def apply_if_finite(state, finite: jax.Array, grads: Any, batch_stats: Any,
+                    skip_nonfinite: bool = True):
+  """``state.apply_gradients`` if ``finite``, else only ``step + 1``; with
+  ``skip_nonfinite=False``, ``state.apply_gradients`` whatever ``finite``.
 
   One branch over the whole update, not a select per leaf: with selects
   XLA:CPU compiles the train step about three times slower
   (docs/performance.md).
   """
-  return lax.cond(
-      finite,
-      lambda: state.apply_gradients(grads=grads, batch_stats=batch_stats),
-      lambda: state.replace(step=state.step + 1))
+  def apply():
+    return state.apply_gradients(grads=grads, batch_stats=batch_stats)
+
+  if not skip_nonfinite:
+    return apply()
+  return lax.cond(finite, apply, lambda: state.replace(step=state.step + 1))
+
+
+def recovers_from_nonfinite(config: ml_collections.ConfigDict) -> bool:
+  """Whether non-finite steps are expected and harmless: skipped, with a
+  float16 loss scale that backs off."""
+  return (config.dtype == 'float16' and config.loss_scale_mode == 'dynamic'
+          and config.skip_nonfinite_updates)
 
 
 def count_nonfinite_run(finite_flags, run: int, step: int,
@@ -73,17 +95,23 @@ def count_nonfinite_run(finite_flags, run: int, step: int,
     finite_flags: the ``finite`` metric of each step since the last call.
     run: the count before them.
     step: the last step, for the message.
-    config: ``dtype`` and ``max_consecutive_nonfinite_steps``.
+    config: the precision fields and ``max_consecutive_nonfinite_steps``.
 
   Raises:
-    DivergedError: for float32 and bfloat16, when the count reaches
-      ``config.max_consecutive_nonfinite_steps``.
+    DivergedError: when the count reaches
+      ``config.max_consecutive_nonfinite_steps``, unless
+      ``recovers_from_nonfinite(config)``.
   """
   for finite in finite_flags:
     run = 0 if finite else run + 1
-  if config.dtype != 'float16' and run >= config.max_consecutive_nonfinite_steps:
+  if (not recovers_from_nonfinite(config) and
+      run >= config.max_consecutive_nonfinite_steps):
+    kept = ('the checkpoints hold the last good state'
+            if config.skip_nonfinite_updates else
+            'applied, as config.skip_nonfinite_updates=False asks: '
+            'checkpoints since may hold non-finite values')
     raise DivergedError(
         f'{run} consecutive steps up to step {step} had a non-finite loss or '
-        'gradient (the checkpoints hold the last good state): lower '
-        'config.learning_rate or use another config.dtype.')
+        f'gradient ({kept}): lower config.learning_rate or change '
+        'config.dtype or config.loss_scale_mode.')
   return run

@@ -40,7 +40,8 @@ def image_normalizer(config: ml_collections.ConfigDict):
 
 
 def train_step(state: TrainState, batch, *, learning_rate_fn,
-               label_smoothing: float, sync_batch_norm: bool, normalize):
+               label_smoothing: float, sync_batch_norm: bool,
+               skip_nonfinite_updates: bool, normalize):
   """One SGD step on this device's slice of the global batch.
 
   ``batch`` holds uint8 'image's, int 'label's and, with colour jitter, its
@@ -53,9 +54,10 @@ def train_step(state: TrainState, batch, *, learning_rate_fn,
   compute dtype, so they are global-mean gradients, identical on every
   device.
 
-  A step whose gradients are not finite changes no parameter, statistic or
-  optimiser state (only ``step`` and the loss scale move), and reports
-  ``finite = 0``.
+  A step whose loss or gradients are not finite reports ``finite = 0``
+  and, with ``skip_nonfinite_updates``, changes no parameter, statistic or
+  optimiser state (only ``step`` and the loss scale move); without it, it is
+  applied as it is (``precision.apply_if_finite``).
   """
   images = normalize(batch['image'], jitter=batch.get('color_jitter'))
 
@@ -82,7 +84,8 @@ def train_step(state: TrainState, batch, *, learning_rate_fn,
   if not sync_batch_norm:
     batch_stats = lax.pmean(batch_stats, DATA_AXIS)
   finite = precision.all_finite(loss, grads)
-  new_state = precision.apply_if_finite(state, finite, grads, batch_stats)
+  new_state = precision.apply_if_finite(state, finite, grads, batch_stats,
+                                       skip_nonfinite_updates)
   new_state = new_state.replace(dynamic_scale=new_scale)
 
   top1 = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
@@ -126,6 +129,7 @@ def make_train_step(mesh: Mesh, config: ml_collections.ConfigDict,
       train_step, learning_rate_fn=learning_rate_fn,
       label_smoothing=config.label_smoothing,
       sync_batch_norm=config.sync_batch_norm,
+      skip_nonfinite_updates=config.skip_nonfinite_updates,
       normalize=image_normalizer(config))
   sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
                           out_specs=(P(), P()))

@@ -2,6 +2,8 @@
 data, prepared once."""
 
 import atexit
+import dataclasses
+import importlib
 import os
 import shutil
 import tempfile
@@ -149,6 +151,47 @@ def random_variables(model, size: int, seed: int = 0) -> dict:
   return jax.tree_util.tree_map_with_path(sample, abstract)
 
 
+def import_timm():
+  """timm, importable beside the CPU-only torch wheel (see timm_compat);
+  skips the test where it is not."""
+  from darknet53_jax import timm_compat  # pylint: disable=g-import-not-at-top
+  try:
+    return timm_compat.import_timm()
+  except ImportError as e:
+    pytest.skip(f'timm is not importable: {e}')
+
+
+def timm_darknet53(timm, depths, widths, num_classes: int,
+                   act_layer: str = 'leaky_relu'):
+  """timm's darknet53 with other stage depths, widths (stem, stages) and
+  activation, randomly initialised."""
+  base = timm.models.cspnet.model_cfgs['darknet53']
+  cfg = dataclasses.replace(
+      base, act_layer=act_layer,
+      stem=dataclasses.replace(base.stem, out_chs=widths[0]),
+      stages=dataclasses.replace(base.stages, depth=depths,
+                                 out_chs=widths[1:]))
+  return timm.models.cspnet.CspNet(cfg, num_classes=num_classes)
+
+
+def randomise_batch_norm(model, seed: int):
+  """Random BatchNorm statistics and affine parameters in a torch model
+  (timm zero-initialises some scales)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  generator = torch.Generator().manual_seed(seed)
+  uniform = lambda n, low, high: low + (high - low) * torch.rand(
+      n, generator=generator)
+  with torch.no_grad():
+    for module in model.modules():
+      if isinstance(module, torch.nn.BatchNorm2d):
+        n = module.num_features
+        module.running_mean.copy_(uniform(n, -0.5, 0.5))
+        module.running_var.copy_(uniform(n, 0.5, 2.0))
+        module.weight.copy_(uniform(n, 0.5, 1.5))
+        module.bias.copy_(uniform(n, -0.2, 0.2))
+  return model
+
+
 def write_checkpoint(directory: str, config: ml_collections.ConfigDict,
                      step: int = 1) -> dict:
   """Saves a random model of ``config`` as a train run would; returns its
@@ -176,7 +219,7 @@ def tiny_checkpoint(tmp_path_factory):
 def digits_data_dir(tmp_path_factory):
   """A tfds data_dir holding the prepared sklearn_digits dataset."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from darknet53_jax import datasets  # noqa: F401  pylint: disable=g-import-not-at-top
+  importlib.import_module('darknet53_jax.datasets')  # Registers the builders.
   data_dir = str(tmp_path_factory.mktemp('tfds'))
   tfds.builder('sklearn_digits', data_dir=data_dir).download_and_prepare()
   return data_dir

@@ -1,6 +1,5 @@
 """Tests for darknet53_jax.convert_timm against timm's own darknet53."""
 
-import dataclasses
 import os
 import re
 import subprocess
@@ -12,54 +11,27 @@ import pytest
 
 from darknet53_jax import checkpoints
 from darknet53_jax import convert_timm
-from darknet53_jax import timm_compat
+from tests import conftest
 
 torch = pytest.importorskip('torch')
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_DEPTHS = (1, 2, 1, 1, 2)
+TINY_WIDTHS = (4, 8, 16, 32, 64, 128)  # Stem, then stages: 1/8 width.
 TINY_CLASSES = 7
-
-
-def _import_timm():
-  """timm, importable beside the CPU-only torch wheel (see timm_compat)."""
-  try:
-    return timm_compat.import_timm()
-  except ImportError as e:
-    pytest.skip(f'timm is not importable: {e}')
 
 
 @pytest.fixture(scope='module')
 def timm():
-  return _import_timm()
-
-
-def _randomise_batch_norm(model, seed: int):
-  """Random BatchNorm statistics and affine parameters, in eval mode."""
-  generator = torch.Generator().manual_seed(seed)
-  uniform = lambda n, low, high: low + (high - low) * torch.rand(
-      n, generator=generator)
-  with torch.no_grad():
-    for module in model.modules():
-      if isinstance(module, torch.nn.BatchNorm2d):
-        n = module.num_features
-        module.running_mean.copy_(uniform(n, -0.5, 0.5))
-        module.running_var.copy_(uniform(n, 0.5, 2.0))
-        module.weight.copy_(uniform(n, 0.5, 1.5))
-        module.bias.copy_(uniform(n, -0.2, 0.2))
-  return model.eval()
+  return conftest.import_timm()
 
 
 @pytest.fixture(scope='module')
 def tiny_timm_model(timm):
-  """A timm darknet53 at 1/8 width with other stage depths and classes."""
-  base = timm.models.cspnet.model_cfgs['darknet53']
-  cfg = dataclasses.replace(
-      base, stem=dataclasses.replace(base.stem, out_chs=4),
-      stages=dataclasses.replace(base.stages, depth=TINY_DEPTHS,
-                                 out_chs=(8, 16, 32, 64, 128)))
-  return _randomise_batch_norm(
-      timm.models.cspnet.CspNet(cfg, num_classes=TINY_CLASSES), seed=1)
+  """A timm darknet53 at 1/8 width with other stage depths and classes, in
+  eval mode with random BatchNorm statistics."""
+  model = conftest.timm_darknet53(timm, TINY_DEPTHS, TINY_WIDTHS, TINY_CLASSES)
+  return conftest.randomise_batch_norm(model, seed=1).eval()
 
 
 def _relative_difference(got, want) -> float:
@@ -82,8 +54,8 @@ def _assert_logits_match(timm_model, model, variables, size: int):
 
 
 def test_full_darknet53_logits_match_timm(timm):
-  timm_model = _randomise_batch_norm(
-      timm.create_model('darknet53', pretrained=False), seed=0)
+  timm_model = conftest.randomise_batch_norm(
+      timm.create_model('darknet53', pretrained=False), seed=0).eval()
   model, variables = convert_timm.load_timm_state_dict(timm_model.state_dict())
   assert (model.num_classes, model.width_multiplier) == (1000, 1.0)
   assert tuple(model.stage_depths) == (1, 2, 8, 8, 4)

@@ -36,6 +36,33 @@ def test_schedule_values():
                              rtol=1e-3)
 
 
+def test_per_epoch_cosine_is_the_references():
+  """MindSpore's warmup_cosine_annealing_lr: cos(pi * epoch / T_max) from
+  epoch 0, T_max = num_epochs, constant within an epoch."""
+  config = _config(learning_rate=0.1, lr_scaling='none', warmup_epochs=5,
+                   num_epochs=150, eta_min=0.001,
+                   cosine_schedule='per_epoch_from_epoch0')
+  steps_per_epoch = 10
+  schedule = optim.create_learning_rate_schedule(config, steps_per_epoch)
+  peak, eta_min = 0.1, 0.001
+
+  def cosine(epoch):
+    return eta_min + (peak - eta_min) * (1 + np.cos(np.pi * epoch / 150)) / 2
+
+  np.testing.assert_allclose(schedule(0), peak / 50, rtol=1e-6)
+  np.testing.assert_allclose(schedule(49), peak, rtol=1e-6)
+  # The first step after warm-up is already 5 epochs down the cosine, and
+  # every step of an epoch shares its rate.
+  for step in range(50, 60):
+    np.testing.assert_allclose(schedule(step), cosine(5), rtol=1e-6)
+  np.testing.assert_allclose(schedule(60), cosine(6), rtol=1e-6)
+  np.testing.assert_allclose(schedule(1499), cosine(149), rtol=1e-5)
+  reference = [peak * (i + 1) / 50 if i < 50 else cosine(i // 10)
+               for i in range(1500)]
+  np.testing.assert_allclose(jax.vmap(schedule)(jnp.arange(1500)), reference,
+                             rtol=1e-5)
+
+
 def test_schedule_decays_to_eta_min():
   config = _config(eta_min=0.01, num_epochs=10, warmup_epochs=1)
   schedule = optim.create_learning_rate_schedule(config, 10)

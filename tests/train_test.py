@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+from darknet53_jax import precision
 from darknet53_jax import sharding
 from tests import conftest
 
@@ -102,6 +103,69 @@ def test_loss_scale_doubles_after_growth_interval_finite_steps():
     scales.append(float(metrics['loss_scale']))
   # growth_interval=2: two finite steps at 1024, the third doubles it.
   assert scales == [1024.0, 1024.0, 2048.0, 2048.0]
+
+
+def test_fixed_loss_scale_stays_put():
+  config = _fp16_config()
+  config.loss_scale_mode = 'fixed'
+  mesh, run = conftest.train_setup(config, jax.devices()[:1])
+  state, scales = run.state, []
+  for batch in conftest.random_batches(config, 4):
+    state, metrics = run.train_step(state, sharding.global_batch(mesh, batch))
+    assert float(metrics['finite']) == 1.0
+    scales.append(float(metrics['loss_scale']))
+  assert scales == [1024.0] * 4
+
+
+def test_fixed_scale_applies_an_overflowing_step_as_the_reference():
+  """MindSpore's FixedLossScaleManager(drop_overflow_update=False) runs the
+  optimiser on whatever the gradients hold; so does ours, and says so."""
+  config = _fp16_config()
+  config.loss_scale_mode = 'fixed'
+  config.skip_nonfinite_updates = False
+  # d loss / d logits is up to 2^20 / batch 4 = 2.6e5: past float16's
+  # 65504 on its way back through the float16 head, while the forward pass
+  # stays finite.
+  config.loss_scale = 2.0 ** 20
+  mesh, run = conftest.train_setup(config, jax.devices()[:1])
+  before = jax.device_get(run.state)
+  batch = conftest.random_batches(config, 1)[0]
+  state, metrics = run.train_step(run.state,
+                                  sharding.global_batch(mesh, batch))
+  after = jax.device_get(state)
+  assert float(metrics['finite']) == 0.0
+  assert np.isfinite(float(metrics['loss']))
+  assert int(after.step) == 1
+  assert float(after.dynamic_scale.scale) == 2.0 ** 20
+  # The forward pass's statistics are finite and taken; the non-finite
+  # gradients reach the momentum and the parameters.
+  stats = jax.tree.leaves(after.batch_stats)
+  assert all(np.isfinite(x).all() for x in stats)
+  assert conftest.max_relative_difference(after.batch_stats,
+                                          before.batch_stats) > 0
+  for tree in (after.params, after.opt_state):
+    assert not all(np.isfinite(x).all() for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize('dtype, mode, skip, stops', [
+    ('float16', 'dynamic', True, False),  # The scale backs off: it recovers.
+    ('float16', 'fixed', True, True),
+    ('float16', 'fixed', False, True),
+    ('float32', 'dynamic', True, True),
+    ('bfloat16', 'dynamic', False, True),
+])
+def test_a_run_of_nonfinite_steps_stops_unless_the_scale_backs_off(
+    dtype, mode, skip, stops):
+  config = conftest.tiny_config()
+  config.update(dtype=dtype, loss_scale_mode=mode, skip_nonfinite_updates=skip,
+                max_consecutive_nonfinite_steps=3)
+  assert precision.count_nonfinite_run([1.0, 0.0], 0, 2, config) == 1
+  if not stops:
+    assert precision.count_nonfinite_run([0.0] * 5, 1, 7, config) == 6
+    return
+  kept = 'last good state' if skip else 'may hold non-finite values'
+  with pytest.raises(precision.DivergedError, match=kept):
+    precision.count_nonfinite_run([0.0, 0.0], 1, 4, config)
 
 
 def test_float16_step_trains():

@@ -1,0 +1,87 @@
+"""Tests for darknet53_jax.config_lib and the recipes in configs/."""
+
+import os
+
+import pytest
+
+from darknet53_jax import build
+from darknet53_jax import config_defaults
+from darknet53_jax import config_lib
+from tests import conftest
+
+CONFIGS = os.path.join(conftest.REPO, 'configs')
+
+
+def _load(name):
+  return config_lib.load_file(os.path.join(CONFIGS, name))
+
+
+@pytest.mark.parametrize('key, value, message', [
+    ('dtype', 'float8', "config.dtype='float8': use one of"),
+    ('cosine_schedule', 'per_batch',
+     "config.cosine_schedule='per_batch': use one of "
+     "('per_step_after_warmup', 'per_epoch_from_epoch0')."),
+    ('loss_scale_mode', 'auto',
+     "config.loss_scale_mode='auto': use one of ('dynamic', 'fixed')."),
+    ('model.kernel_init', 'orthogonal',
+     "config.model.kernel_init='orthogonal': use one of "
+     "('he_normal', 'xavier_uniform')."),
+    ('model.head_init', 'zeros',
+     "config.model.head_init='zeros': use one of "
+     "('lecun_normal', 'truncated_normal')."),
+    ('model.bn_momentum', 1.5, 'config.model.bn_momentum=1.5: use a value in '
+     '[0, 1]'),
+    ('skip_nonfinite_updates', False,
+     "config.skip_nonfinite_updates=False with float16 needs "
+     "config.loss_scale_mode='fixed'"),
+])
+def test_values_that_cannot_work_are_named_in_one_line(key, value, message):
+  config = config_defaults.get_config()
+  *parents, leaf = key.split('.')
+  node = config
+  for parent in parents:
+    node = node[parent]
+  node[leaf] = value
+  with pytest.raises(config_lib.ConfigError) as error:
+    config_lib.validate(config, 1, 1)
+  assert str(error.value).startswith(message)
+  assert '\n' not in str(error.value)
+
+
+def test_skipping_nothing_is_fine_outside_float16_and_with_a_fixed_scale():
+  for dtype, mode in (('float32', 'dynamic'), ('float16', 'fixed')):
+    config = config_defaults.get_config()
+    config.update(dtype=dtype, loss_scale_mode=mode,
+                  skip_nonfinite_updates=False)
+    config_lib.validate(config, 1, 1)
+
+
+def test_recommended_recipe_is_the_defaults():
+  assert _load('imagenet.py') == config_defaults.get_config()
+
+
+@pytest.mark.parametrize('devices', [1, 8, 16])
+def test_reference_recipe_is_the_references_8_by_256_run(devices):
+  config = _load('imagenet_reference.py')
+  config_lib.validate(config, devices, 1)
+  # Every difference from the defaults, and nothing else.
+  defaults = config_lib.flat_config(config_defaults.get_config().to_dict())
+  changed = {key: value for key, value in
+             config_lib.flat_config(config.to_dict()).items()
+             if defaults[key] != value}
+  assert changed == {
+      'batch_size': 2048, 'lr_scaling': 'none', 'sync_batch_norm': False,
+      'model.activation': 'relu', 'model.kernel_init': 'xavier_uniform',
+      'model.head_init': 'truncated_normal', 'model.bn_momentum': 0.1,
+      'model.bn_unbiased_variance': True,
+      'cosine_schedule': 'per_epoch_from_epoch0',
+      'loss_scale_mode': 'fixed', 'skip_nonfinite_updates': False}
+  assert (config.dtype, config.loss_scale, config.learning_rate,
+          config.num_epochs, config.warmup_epochs) == (
+              'float16', 1024.0, 0.1, 150, 5)
+  config.num_classes = 1000
+  model = build.create_model(config)
+  assert (model.activation, model.kernel_init, model.head_init,
+          model.bn_momentum, model.bn_unbiased_variance,
+          model.bn_axis_name) == ('relu', 'xavier_uniform',
+                                  'truncated_normal', 0.1, True, None)
