@@ -13,8 +13,9 @@ usage: $0 DATA_DIR CHECKPOINT [EVAL_DIR] [--config.KEY=VALUE ...]
   EVAL_DIR    where the metrics go (default: eval).
   Further arguments go to darknet53_jax.main.
 
-  Environment: PYTHON (default: python; one with darknet53_jax installed,
-  see the README), CUDA_VISIBLE_DEVICES.
+  Environment: CONFIG (default: configs/imagenet.py: the config the
+  checkpoint was trained with), PYTHON (default: python; one with
+  darknet53_jax installed, see the README), CUDA_VISIBLE_DEVICES.
 USAGE
   exit 2
 }
@@ -31,7 +32,7 @@ fi
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 exec "${PYTHON:-python}" -m darknet53_jax.main \
-  --config="${repo}/configs/imagenet.py" \
+  --config="${repo}/${CONFIG:-configs/imagenet.py}" \
   --workdir="${eval_dir}" \
   --config.data_dir="${data_dir}" \
   --eval_only \

@@ -11,11 +11,12 @@ usage: $0 DATA_DIR [WORKDIR] [--config.KEY=VALUE ...]
   DATA_DIR  tensorflow-datasets data_dir holding a prepared imagenet2012.
   WORKDIR   checkpoints and TensorBoard events (default: runs/imagenet_gpu);
             rerunning with the same WORKDIR resumes.
-  Further arguments go to darknet53_jax.main, e.g. the reference's 8 x 256
-  run: --config.batch_size=2048 --config.lr_scaling=none
+  Further arguments go to darknet53_jax.main (--config.KEY=VALUE).
 
-  Environment: PYTHON (default: python; one with darknet53_jax installed,
-  see the README), CUDA_VISIBLE_DEVICES.
+  Environment: CONFIG (default: configs/imagenet.py; the MindSpore
+  reference's 8 x 256 run: configs/imagenet_reference.py), PYTHON (default:
+  python; one with darknet53_jax installed, see the README),
+  CUDA_VISIBLE_DEVICES.
 USAGE
   exit 2
 }
@@ -31,7 +32,7 @@ fi
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 exec "${PYTHON:-python}" -m darknet53_jax.main \
-  --config="${repo}/configs/imagenet.py" \
+  --config="${repo}/${CONFIG:-configs/imagenet.py}" \
   --workdir="${workdir}" \
   --config.data_dir="${data_dir}" \
   "$@"

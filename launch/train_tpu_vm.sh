@@ -16,7 +16,9 @@ usage: $0 TPU_NAME ZONE DATA_DIR WORKDIR [--config.KEY=VALUE ...]
             e.g. gs://BUCKET/darknet53/run1; rerunning resumes.
   Further arguments go to darknet53_jax.main.
 
-  Environment: REPO_DIR (the repository on the workers, default:
+  Environment: CONFIG (relative to REPO_DIR, default: configs/imagenet.py;
+  the MindSpore reference's 8 x 256 run: configs/imagenet_reference.py),
+  REPO_DIR (the repository on the workers, default:
   darknet53_jax in the home directory), PYTHON (default: python3),
   PROJECT (the Google Cloud project, default: gcloud's).
 USAGE
@@ -34,7 +36,7 @@ workdir=$4
 shift 4
 
 command=$(printf '%q ' "${PYTHON:-python3}" -m darknet53_jax.main \
-  --config=configs/imagenet.py \
+  --config="${CONFIG:-configs/imagenet.py}" \
   --workdir="${workdir}" \
   --config.data_dir="${data_dir}" \
   --config.dtype=bfloat16 \

@@ -326,6 +326,9 @@ def test_launchers_pass_the_config_and_overrides(tmp_path):
   assert _launch('train_gpu.sh', ['/data', 'w', '--config.seed=1'], env) == [
       '-m', 'darknet53_jax.main', config, '--workdir=w',
       '--config.data_dir=/data', '--config.seed=1']
+  reference = dict(env, CONFIG='configs/imagenet_reference.py')
+  assert _launch('train_gpu.sh', ['/data', 'w'], reference)[2] == (
+      f'--config={REPO}/configs/imagenet_reference.py')
   assert _launch('eval.sh', ['/data', '/ckpt'], env) == [
       '-m', 'darknet53_jax.main', config, '--workdir=eval',
       '--config.data_dir=/data', '--eval_only', '--checkpoint=/ckpt']
