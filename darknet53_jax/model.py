@@ -19,6 +19,7 @@ from darknet53_jax import conv as conv_lib
 STAGE_WIDTHS = (64, 128, 256, 512, 1024)
 STAGE_DEPTHS = (1, 2, 8, 8, 4)
 STEM_WIDTH = 32
+HEAD = 'head'  # The classifier's module name; every other module is backbone.
 ACTIVATIONS = ('leaky_relu', 'relu')
 
 
@@ -148,5 +149,5 @@ class Darknet53(nn.Module):
     if features_only:
       return tuple(features[-3:])
     x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
+    x = nn.Dense(self.num_classes, dtype=self.dtype, name=HEAD)(x)
     return jnp.asarray(x, jnp.float32)
