@@ -207,16 +207,19 @@ def load_class_names(path: str) -> list[str] | None:
   return names
 
 
-def check_compatible(variables: dict, reference: dict, source: str) -> None:
-  """Raises CheckpointError unless the two variable trees have equal shapes."""
+def check_compatible(
+    variables: dict, reference: dict, source: str,
+    advice: str = 'Set config.model and config.num_classes as in the run '
+    'that wrote it.') -> None:
+  """Raises CheckpointError, ending in ``advice``, unless the two variable
+  trees have equal shapes."""
   got, want = _shapes(variables), _shapes(reference)
   for key in sorted(set(got) | set(want), key=str):
     if got.get(key) != want.get(key):
       raise CheckpointError(
           f'{source} does not fit this model: '
           f'{jax.tree_util.keystr(key)} has shape {got.get(key)} there and '
-          f'{want.get(key)} here. Set config.model and config.num_classes '
-          'as in the run that wrote it.')
+          f'{want.get(key)} here. {advice}')
 
 
 def _shapes(tree) -> dict:

@@ -26,6 +26,7 @@ from darknet53_jax import input_pipeline
 from darknet53_jax.datasets import registry
 from darknet53_jax import precision
 from darknet53_jax import preemption
+from darknet53_jax import pretrained
 from darknet53_jax import runtime
 from darknet53_jax import sharding
 from darknet53_jax import steps
@@ -178,11 +179,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     logging.info('Resumed from step %d in %s.', int(state.step),
                  manager.directory)
   elif config.init_from:
-    state = state.replace(**_load_replicated_variables(
-        config.init_from,
-        {'params': state.params, 'batch_stats': state.batch_stats}, mesh))
-    logging.info('Initialised params and batch_stats from %s.',
-                 config.init_from)
+    state = state.replace(**jax.device_put(
+        pretrained.initialise(config, {'params': state.params,
+                                       'batch_stats': state.batch_stats}),
+        sharding.replicated(mesh)))
   start_step = int(state.step)
 
   writer = _create_writer(workdir)

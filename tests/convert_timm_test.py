@@ -12,7 +12,7 @@ import pytest
 
 from darknet53_jax import checkpoints
 from darknet53_jax import convert_timm
-from darknet53_jax import timm_compat
+from tests import conftest
 
 torch = pytest.importorskip('torch')
 
@@ -21,17 +21,9 @@ TINY_DEPTHS = (1, 2, 1, 1, 2)
 TINY_CLASSES = 7
 
 
-def _import_timm():
-  """timm, importable beside the CPU-only torch wheel (see timm_compat)."""
-  try:
-    return timm_compat.import_timm()
-  except ImportError as e:
-    pytest.skip(f'timm is not importable: {e}')
-
-
 @pytest.fixture(scope='module')
 def timm():
-  return _import_timm()
+  return conftest.import_timm()
 
 
 def _randomise_batch_norm(model, seed: int):

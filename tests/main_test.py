@@ -3,9 +3,6 @@
 import glob
 import os
 import re
-import subprocess
-import sys
-import tempfile
 
 import pytest
 
@@ -35,15 +32,6 @@ def test_resume_gives_the_same_parameters(digits_data_dir, tmp_path):
                               _params(tmp_path / 'straight'))
 
 
-def _main(*args, devices=1, timeout=300):
-  """Runs ``main`` outside the repository: configs load from any directory."""
-  return subprocess.run(
-      [sys.executable, '-m', 'darknet53_jax.main', *args],
-      cwd=tempfile.gettempdir(),
-      env=conftest.subprocess_env(devices),
-      capture_output=True, text=True, timeout=timeout, check=False)
-
-
 def _tiny_flags(data_dir):
   """``main``'s flags for one epoch of the tiny config."""
   config = conftest.tiny_config(data_dir)
@@ -62,7 +50,7 @@ def test_cli_trains_then_evaluates_only(digits_data_dir, tmp_path):
   cache = tmp_path / 'xla'
   flags = [*_tiny_flags(digits_data_dir), f'--workdir={workdir}',
            f'--config.compilation_cache_dir={cache}']
-  trained = _main(*flags, '--config.profile_steps=2')
+  trained = conftest.run_main(*flags, '--config.profile_steps=2')
   assert trained.returncode == 0, trained.stderr[-2000:]
   assert checkpoints.checkpoint_step(workdir) == 11
   assert checkpoints.load_class_names(workdir) == [str(d) for d in range(10)]
@@ -75,7 +63,7 @@ def test_cli_trains_then_evaluates_only(digits_data_dir, tmp_path):
   train_steps, eval_steps = _compiled(cache, 'train_step'), _compiled(
       cache, 'eval_step')
   assert len(train_steps) == len(eval_steps) == 1
-  evaluated = _main(*flags, '--eval_only')
+  evaluated = conftest.run_main(*flags, '--eval_only')
   assert evaluated.returncode == 0, evaluated.stderr[-2000:]
   assert 'eval/num_examples=360' in evaluated.stderr
   assert checkpoints.checkpoint_step(workdir) == 11  # Nothing trained.
@@ -105,8 +93,8 @@ def test_cli_trains_then_evaluates_only(digits_data_dir, tmp_path):
 def test_bad_input_stops_with_one_clear_line(digits_data_dir, tmp_path, case,
                                              extra, devices, message):
   del case
-  result = _main(*_tiny_flags(digits_data_dir), f'--workdir={tmp_path}',
-                 *extra, devices=devices)
+  result = conftest.run_main(*_tiny_flags(digits_data_dir),
+                             f'--workdir={tmp_path}', *extra, devices=devices)
   assert result.returncode != 0
   assert message in result.stderr.strip().splitlines()[-1]
   assert 'Traceback' not in result.stderr
@@ -115,8 +103,10 @@ def test_bad_input_stops_with_one_clear_line(digits_data_dir, tmp_path, case,
 def test_checkpoint_of_another_shape_is_refused(digits_data_dir, tmp_path):
   config = conftest.tiny_config(digits_data_dir)
   train_loop.train_and_evaluate(config, str(tmp_path), stop_at_step=1)
-  result = _main(*_tiny_flags(digits_data_dir), f'--workdir={tmp_path}',
-                 '--config.model.width_multiplier=0.25', '--eval_only')
+  result = conftest.run_main(*_tiny_flags(digits_data_dir),
+                             f'--workdir={tmp_path}',
+                             '--config.model.width_multiplier=0.25',
+                             '--eval_only')
   assert result.returncode != 0
   assert 'does not fit this model' in result.stderr.strip().splitlines()[-1]
 
