@@ -125,6 +125,7 @@ def test_main_fine_tunes_timm_weights_as_downloaded(digits_data_dir,
           'source 1000).') in log
   assert 'was trained with' not in log  # The same activation.
   assert 'eval/num_examples=360' in log
+  assert 'Best checkpoint: step 2, eval/top1 ' in log
   # The backbone and its statistics are timm's, bit for bit.
   _, want = convert_timm.load_timm_state_dict(state_dict)
   got = checkpoints.load_variables(str(workdir))
