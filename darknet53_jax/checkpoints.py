@@ -6,6 +6,10 @@ and, when the run knew them, ``class_names`` (JSON: the dataset and its label
 names), so predict and export can rebuild the model, its eval protocol and
 its labels from the checkpoint alone. Orbax commits a step atomically: an
 interrupted save leaves no step that restores.
+
+A workdir's ``best/`` holds one more checkpoint directory: the params and
+BatchNorm statistics of the evaluation with the highest ``eval/top1`` so far
+(``BestCheckpoint``), with those metrics (``eval_metrics``, JSON).
 """
 
 import os
@@ -23,7 +27,9 @@ from darknet53_jax import errors
 STATE = 'state'
 CONFIG = 'config'
 CLASS_NAMES = 'class_names'
+EVAL_METRICS = 'eval_metrics'  # Not 'metrics': orbax's own item.
 WORKDIR_SUBDIR = 'checkpoints'
+BEST_SUBDIR = 'best'
 MODEL_COLLECTIONS = ('params', 'batch_stats')
 
 
@@ -46,13 +52,15 @@ class CheckpointManager:
                                              create=True),
         item_handlers={STATE: ocp.StandardCheckpointHandler(),
                        CONFIG: ocp.JsonCheckpointHandler(),
-                       CLASS_NAMES: ocp.JsonCheckpointHandler()})
+                       CLASS_NAMES: ocp.JsonCheckpointHandler(),
+                       EVAL_METRICS: ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
   def save(self, step: int, state: Any, config: ml_collections.ConfigDict,
-           class_names: Sequence[str] | None = None) -> None:
+           class_names: Sequence[str] | None = None,
+           metrics: dict[str, float] | None = None) -> None:
     """Starts an asynchronous save; ``wait`` or ``close`` finishes it.
 
     Args:
@@ -61,6 +69,7 @@ class CheckpointManager:
       config: the run's config, saved as JSON.
       class_names: the label names of ``config.dataset`` by class index, if
         known; saved with the dataset name for predict and export.
+      metrics: eval metrics of this state, if any, saved as JSON.
     """
     items = {STATE: ocp.args.StandardSave(state),
              CONFIG: ocp.args.JsonSave(config.to_dict())}
@@ -70,6 +79,8 @@ class CheckpointManager:
                          f'config.num_classes={config.num_classes}.')
       items[CLASS_NAMES] = ocp.args.JsonSave(
           {'dataset': config.dataset, 'names': list(class_names)})
+    if metrics is not None:
+      items[EVAL_METRICS] = ocp.args.JsonSave(metrics)
     self._manager.save(step, args=ocp.args.Composite(**items))
 
   def restore(self, template: Any, step: int | None = None) -> Any:
@@ -126,6 +137,9 @@ class CheckpointManager:
           f'start afresh. Newest: {reasons[0]}')
     return None
 
+  def delete(self, step: int) -> None:
+    self._manager.delete(step)
+
   def wait(self) -> None:
     self._manager.wait_until_finished()
 
@@ -133,9 +147,53 @@ class CheckpointManager:
     self._manager.close()
 
 
+class BestCheckpoint:
+  """Keeps the variables of the evaluation with the highest top-1.
+
+  One checkpoint directory holds one step: the params and batch_stats of
+  the best evaluation so far, its config, class names and eval metrics. It
+  picks up where a resumed run left it. A tie keeps the earlier step.
+  """
+
+  def __init__(self, directory: str):
+    self._manager = CheckpointManager(directory, max_to_keep=1)
+    self.directory = self._manager.directory
+    self.step = self._manager.latest_step()
+    self.top1 = (None if self.step is None else
+                 load_metrics(os.fspath(self.directory))['top1'])
+
+  def update(self, step: int, state: Any, config: ml_collections.ConfigDict,
+             class_names: Sequence[str] | None,
+             metrics: dict[str, float]) -> bool:
+    """Saves ``state``'s variables if ``metrics['top1']`` beats the best.
+
+    Returns:
+      Whether ``step`` is the new best.
+    """
+    if self.top1 is not None and metrics['top1'] <= self.top1:
+      return False
+    if self.step is not None and self.step >= step:
+      # A resumed run replaying the steps up to the best it had reached.
+      self._manager.delete(self.step)
+    self._manager.save(step, {k: getattr(state, k) for k in MODEL_COLLECTIONS},
+                       config, class_names, metrics)
+    self.step, self.top1 = step, metrics['top1']
+    return True
+
+  def close(self) -> None:
+    """Waits for the last save and releases the directory."""
+    self._manager.wait()
+    self._manager.close()
+
+
 def workdir_checkpoints(workdir: str) -> epath.Path:
   """The checkpoint directory of a training workdir."""
   return epath.Path(workdir) / WORKDIR_SUBDIR
+
+
+def workdir_best(workdir: str) -> epath.Path:
+  """The best-checkpoint directory of a training workdir."""
+  return epath.Path(workdir) / BEST_SUBDIR
 
 
 def _step_directory(path: str) -> epath.Path:
@@ -185,6 +243,15 @@ def load_config(path: str) -> ml_collections.ConfigDict:
       ocp.JsonCheckpointHandler().restore(step_dir / CONFIG))
 
 
+def load_metrics(path: str) -> dict[str, float] | None:
+  """The eval metrics saved beside a checkpoint (best checkpoints have
+  them), or None."""
+  item = _step_directory(path) / EVAL_METRICS
+  if not item.exists():
+    return None
+  return dict(ocp.JsonCheckpointHandler().restore(item))
+
+
 def load_class_names(path: str) -> list[str] | None:
   """The label names saved beside a checkpoint, by class index.
 
@@ -207,16 +274,19 @@ def load_class_names(path: str) -> list[str] | None:
   return names
 
 
-def check_compatible(variables: dict, reference: dict, source: str) -> None:
-  """Raises CheckpointError unless the two variable trees have equal shapes."""
+def check_compatible(
+    variables: dict, reference: dict, source: str,
+    advice: str = 'Set config.model and config.num_classes as in the run '
+    'that wrote it.') -> None:
+  """Raises CheckpointError, ending in ``advice``, unless the two variable
+  trees have equal shapes."""
   got, want = _shapes(variables), _shapes(reference)
   for key in sorted(set(got) | set(want), key=str):
     if got.get(key) != want.get(key):
       raise CheckpointError(
           f'{source} does not fit this model: '
           f'{jax.tree_util.keystr(key)} has shape {got.get(key)} there and '
-          f'{want.get(key)} here. Set config.model and config.num_classes '
-          'as in the run that wrote it.')
+          f'{want.get(key)} here. {advice}')
 
 
 def _shapes(tree) -> dict:

@@ -105,6 +105,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.init_from = ''  # A checkpoint to start a new run from.
   config.seed = 0
 
+  # Fine-tuning (docs/reuse.md). freeze_backbone: a linear probe, only the
+  # head trains and the backbone's BatchNorm runs in eval mode on its
+  # running statistics. Otherwise the backbone learns at
+  # backbone_lr_multiplier times the head's rate.
+  config.freeze_backbone = False
+  config.backbone_lr_multiplier = 1.0
+
   # Runtime. Compiled steps are kept here and reused by the next start,
   # resume or --eval_only with the same shapes; None: $JAX_COMPILATION_CACHE_DIR
   # or ~/.cache/darknet53_jax/xla/<cpu>; '': no cache.

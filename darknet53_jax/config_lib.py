@@ -76,6 +76,9 @@ def validate(config: ml_collections.ConfigDict, device_count: int,
            f'config.batch_size={config.batch_size} does not divide over '
            f'{process_count} processes.')
   _require(config.num_epochs > 0, 'config.num_epochs must be positive.')
+  _require(config.backbone_lr_multiplier >= 0,
+           f'config.backbone_lr_multiplier={config.backbone_lr_multiplier}: '
+           'use a value >= 0 (1.0: the head\'s rate).')
 
 
 def flat_config(tree: dict, prefix: str = '') -> dict:

@@ -107,7 +107,8 @@ def define_flags() -> None:
                     'training.')
   flags.DEFINE_string('checkpoint', None,
                       'Checkpoint to evaluate with --eval_only (a workdir, '
-                      'its checkpoints/ folder or a step folder).')
+                      'its checkpoints/ folder or a step folder), or '
+                      f'{train_loop.BEST!r}: the --workdir\'s best one.')
   config_flags.DEFINE_config_file('config', None, 'Path to a config file.',
                                   lock_config=True)
   flags.mark_flags_as_required(['config', 'workdir'])

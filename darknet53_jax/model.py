@@ -22,6 +22,7 @@ from darknet53_jax import conv as conv_lib
 STAGE_WIDTHS = (64, 128, 256, 512, 1024)
 STAGE_DEPTHS = (1, 2, 8, 8, 4)
 STEM_WIDTH = 32
+HEAD = 'head'  # The classifier's module name; every other module is backbone.
 ACTIVATIONS = ('leaky_relu', 'relu')
 # MindSpore's TruncatedNormal() default: sigma 0.01, cut at 2 sigma.
 TRUNCATED_NORMAL_STDDEV = 0.01
@@ -231,5 +232,5 @@ class Darknet53(nn.Module):
       return tuple(features[-3:])
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype,
-                 kernel_init=HEAD_INITS[self.head_init], name='head')(x)
+                 kernel_init=HEAD_INITS[self.head_init], name=HEAD)(x)
     return jnp.asarray(x, jnp.promote_types(self.dtype, jnp.float32))

@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from darknet53_jax import model as model_lib
+
 LR_SCALING_RULES = ('linear', 'none')
 # How the cosine after warm-up counts: ours, per step from the end of
 # warm-up, or the MindSpore reference's, per epoch from epoch 0.
@@ -64,16 +66,35 @@ def weight_decay_mask(params):
       lambda path, _: getattr(path[-1], 'key', None) == 'kernel', params)
 
 
+def parameter_groups(params):
+  """``params``' top-level modules labelled 'head' (the classifier) or
+  'backbone' (every other module)."""
+  return {name: 'head' if name == model_lib.HEAD else 'backbone'
+          for name in params}
+
+
 def create_optimizer(config: ml_collections.ConfigDict,
                      schedule: optax.Schedule) -> optax.GradientTransformation:
   """SGD with momentum and decoupled-from-BN weight decay (as the reference).
 
   The decay is added to the gradient before momentum, like the reference's
-  ``Momentum(weight_decay=...)`` and PyTorch's SGD.
+  ``Momentum(weight_decay=...)`` and PyTorch's SGD. For fine-tuning, the
+  backbone's updates are scaled by ``config.backbone_lr_multiplier`` (as a
+  PyTorch parameter group with that fraction of the learning rate), or with
+  ``config.freeze_backbone`` are zero: no step, decay or momentum moves the
+  backbone, and it has no optimiser state.
   """
-  return optax.chain(
+  sgd = optax.chain(
       optax.add_decayed_weights(config.weight_decay, mask=weight_decay_mask),
       optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov))
+  if config.freeze_backbone:
+    backbone = optax.set_to_zero()
+  elif config.backbone_lr_multiplier != 1.0:
+    backbone = optax.chain(sgd, optax.scale(config.backbone_lr_multiplier))
+  else:
+    return sgd
+  return optax.multi_transform({'head': sgd, 'backbone': backbone},
+                               parameter_groups)
 
 
 def smoothed_one_hot(labels, num_classes: int, smoothing: float):

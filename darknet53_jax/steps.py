@@ -20,6 +20,7 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from darknet53_jax import image_ops
+from darknet53_jax import model as model_lib
 from darknet53_jax import optim
 from darknet53_jax import precision
 from darknet53_jax.sharding import DATA_AXIS
@@ -39,9 +40,16 @@ def image_normalizer(config: ml_collections.ConfigDict):
                            dtype=precision.compute_dtype(config))
 
 
+def _frozen_backbone(params):
+  """``params`` with every module but the head cut from the gradient."""
+  return {name: value if name == model_lib.HEAD else lax.stop_gradient(value)
+          for name, value in params.items()}
+
+
 def train_step(state: TrainState, batch, *, learning_rate_fn,
                label_smoothing: float, sync_batch_norm: bool,
-               skip_nonfinite_updates: bool, normalize):
+               skip_nonfinite_updates: bool, freeze_backbone: bool,
+               normalize):
   """One SGD step on this device's slice of the global batch.
 
   ``batch`` holds uint8 'image's, int 'label's and, with colour jitter, its
@@ -58,6 +66,12 @@ def train_step(state: TrainState, batch, *, learning_rate_fn,
   and, with ``skip_nonfinite_updates``, changes no parameter, statistic or
   optimiser state (only ``step`` and the loss scale move); without it, it is
   applied as it is (``precision.apply_if_finite``).
+
+  ``freeze_backbone`` (a linear probe) runs the model in eval mode, so
+  BatchNorm normalises with its running statistics and leaves them as they
+  are (the head, one Dense layer, is the same in both modes), and
+  differentiates the head only; the optimiser leaves the backbone as it is
+  (``optim.create_optimizer``).
   """
   images = normalize(batch['image'], jitter=batch.get('color_jitter'))
 
@@ -66,9 +80,11 @@ def train_step(state: TrainState, batch, *, learning_rate_fn,
     # (the transpose of this cast) runs in float32, before the model casts
     # them to the compute dtype.
     params = lax.pcast(params, DATA_AXIS, to='varying')
+    if freeze_backbone:
+      params = _frozen_backbone(params)
     logits, updates = state.apply_fn(
         {'params': params, 'batch_stats': state.batch_stats},
-        images, train=True, mutable=['batch_stats'])
+        images, train=not freeze_backbone, mutable=['batch_stats'])
     loss = optim.cross_entropy(logits, batch['label'], label_smoothing).mean()
     return lax.pmean(loss, DATA_AXIS), (logits, updates['batch_stats'])
 
@@ -130,6 +146,7 @@ def make_train_step(mesh: Mesh, config: ml_collections.ConfigDict,
       label_smoothing=config.label_smoothing,
       sync_batch_norm=config.sync_batch_norm,
       skip_nonfinite_updates=config.skip_nonfinite_updates,
+      freeze_backbone=config.freeze_backbone,
       normalize=image_normalizer(config))
   sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
                           out_specs=(P(), P()))

@@ -26,9 +26,12 @@ from darknet53_jax import input_pipeline
 from darknet53_jax.datasets import registry
 from darknet53_jax import precision
 from darknet53_jax import preemption
+from darknet53_jax import pretrained
 from darknet53_jax import runtime
 from darknet53_jax import sharding
 from darknet53_jax import steps
+
+BEST = 'best'  # evaluate_checkpoint's name for the workdir's best checkpoint.
 
 
 def _prepare_data(config):
@@ -170,19 +173,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   manager = checkpoints.CheckpointManager(
       checkpoints.workdir_checkpoints(workdir), config.max_checkpoints_to_keep)
   # Each checkpoint carries its config and the dataset's class names.
+  class_names = registry.class_names(builder)
   save = functools.partial(manager.save, config=config,
-                           class_names=registry.class_names(builder))
+                           class_names=class_names)
+  best = checkpoints.BestCheckpoint(checkpoints.workdir_best(workdir))
   restored = manager.restore_latest_good(state)
   if restored is not None:
     state = restored
     logging.info('Resumed from step %d in %s.', int(state.step),
                  manager.directory)
   elif config.init_from:
-    state = state.replace(**_load_replicated_variables(
-        config.init_from,
-        {'params': state.params, 'batch_stats': state.batch_stats}, mesh))
-    logging.info('Initialised params and batch_stats from %s.',
-                 config.init_from)
+    state = state.replace(**jax.device_put(
+        pretrained.initialise(config, {'params': state.params,
+                                       'batch_stats': state.batch_stats}),
+        sharding.replicated(mesh)))
   start_step = int(state.step)
 
   writer = _create_writer(workdir)
@@ -235,9 +239,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if last or epoch % config.eval_every_epochs == 0:
           eval_metrics = _evaluate_all(state, eval_step, mesh, eval_sets,
                                        config, writer, done)
+          _keep_if_best(best, done, state, config, class_names, eval_metrics)
         if last or epoch % config.checkpoint_every_epochs == 0:
           save(done, state)
       if stop.requested(done) and done < total_steps:
+        best.close()
         _save_and_close(manager, save, done, state)
         writer.flush()
         raise preemption.Preempted(done, stop.signum)
@@ -245,12 +251,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # Resumed from the final checkpoint: nothing trained, evaluate it.
     eval_metrics = _evaluate_all(state, eval_step, mesh, eval_sets, config,
                                  writer, end_step)
+    _keep_if_best(best, end_step, state, config, class_names, eval_metrics)
+  best.close()
+  if best.step is not None:
+    logging.info('Best checkpoint: step %d, eval/top1 %.4f, in %s.',
+                 best.step, best.top1, best.directory)
   _save_and_close(manager, save, end_step, state)
   writer.flush()
   if end_step < total_steps:
     logging.info('Stopped at step %d of %d; rerun to resume.', end_step,
                  total_steps)
   return eval_metrics
+
+
+def _keep_if_best(best: checkpoints.BestCheckpoint, step: int, state, config,
+                  class_names, metrics: dict[str, float]) -> None:
+  """Saves ``state`` as the best checkpoint if its eval/top1 is the highest
+  yet, and logs which step is the best."""
+  previous = best.step
+  if best.update(step, state, config, class_names, metrics):
+    logging.info('New best eval/top1 %.4f at step %d, kept in %s.',
+                 best.top1, step, best.directory)
+  else:
+    logging.info('The best eval/top1 is still %.4f, at step %d (step %d: '
+                 '%.4f).', best.top1, previous, step, metrics['top1'])
 
 
 def _save_and_close(manager, save, step: int, state) -> None:
@@ -282,9 +306,19 @@ def _write_train(writer, step: int, history: list, config,
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         checkpoint: str | None = None) -> dict[str, float]:
-  """Evaluates a checkpoint (default: the workdir's latest); trains nothing."""
+  """Evaluates a checkpoint; trains nothing.
+
+  Args:
+    config: the run's config.
+    workdir: eval metrics go here.
+    checkpoint: a workdir, checkpoint directory or step folder; ``'best'``:
+      the workdir's best checkpoint; None: the workdir's latest.
+  """
   config, _, eval_sets, mesh = _setup(config, workdir)
-  source = checkpoint or str(checkpoints.workdir_checkpoints(workdir))
+  if checkpoint == BEST:
+    source = str(checkpoints.workdir_best(workdir))
+  else:
+    source = checkpoint or str(checkpoints.workdir_checkpoints(workdir))
   run = build.training(config, mesh, steps_per_epoch=1, abstract=True)
   variables = _load_replicated_variables(
       source, {'params': run.state.params,
@@ -293,6 +327,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
       apply_fn=run.model.apply, params=variables['params'],
       batch_stats=variables['batch_stats'], tx=optax.identity())
   step = checkpoints.checkpoint_step(source)
+  logging.info('Evaluating step %d of %s.', step, source)
   writer = _create_writer(workdir)
   metrics = _evaluate_all(state, run.eval_step, mesh, eval_sets, config,
                           writer, step)

@@ -1,5 +1,7 @@
 """Tests for darknet53_jax.checkpoints."""
 
+import types
+
 import jax
 import numpy as np
 import pytest
@@ -102,3 +104,32 @@ def test_class_names_that_do_not_fit_are_refused(tmp_path):
   with pytest.raises(checkpoints.CheckpointError,
                      match='1 class names for a 10-class model: remove'):
     checkpoints.load_class_names(str(tmp_path))
+
+
+def _variables_at(step: int):
+  """A stand-in train state whose variables hold ``step``."""
+  return types.SimpleNamespace(params={'w': np.full(2, step, np.float32)},
+                               batch_stats={'m': np.zeros(1, np.float32)})
+
+
+def test_best_checkpoint_keeps_the_highest_top1(tmp_path):
+  config = conftest.tiny_config()
+  best = checkpoints.BestCheckpoint(str(tmp_path))
+  kept = [best.update(step, _variables_at(step), config, DIGITS,
+                      {'top1': top1, 'top5': 1.0})
+          for step, top1 in ((1, 0.5), (2, 0.8), (3, 0.6), (4, 0.8))]
+  best.close()
+  assert kept == [True, True, False, False]  # A tie keeps the earlier step.
+  assert [p.name for p in tmp_path.iterdir()] == ['2']
+  assert checkpoints.load_variables(str(tmp_path))['params']['w'][0] == 2
+  assert checkpoints.load_metrics(str(tmp_path)) == {'top1': 0.8,
+                                                    'top5': 1.0}
+  assert checkpoints.load_class_names(str(tmp_path)) == DIGITS
+  # A resumed run starts from the saved best; replaying an earlier step
+  # that now scores higher replaces it.
+  resumed = checkpoints.BestCheckpoint(str(tmp_path))
+  assert (resumed.step, resumed.top1) == (2, 0.8)
+  assert resumed.update(2, _variables_at(5), config, None, {'top1': 0.9})
+  resumed.close()
+  assert [p.name for p in tmp_path.iterdir()] == ['2']
+  assert checkpoints.load_variables(str(tmp_path))['params']['w'][0] == 5

@@ -6,6 +6,8 @@ import dataclasses
 import importlib
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -133,6 +135,16 @@ def main_flags(config: ml_collections.ConfigDict) -> list[str]:
       if base.get(key) != value]
 
 
+def run_main(*args, devices: int = 1,
+             timeout: int = 300) -> subprocess.CompletedProcess:
+  """Runs ``main`` outside the repository (configs load from any directory)
+  on ``devices`` CPU devices."""
+  return subprocess.run(
+      [sys.executable, '-m', 'darknet53_jax.main', *args],
+      cwd=tempfile.gettempdir(), env=subprocess_env(devices),
+      capture_output=True, text=True, timeout=timeout, check=False)
+
+
 def random_variables(model, size: int, seed: int = 0) -> dict:
   """He-normal kernels and random BatchNorm affines and statistics, drawn
   with NumPy (jitting ``model.init`` compiles slowly on CPU)."""
@@ -149,16 +161,6 @@ def random_variables(model, size: int, seed: int = 0) -> dict:
     return rng.uniform(low, high, leaf.shape).astype(np.float32)
 
   return jax.tree_util.tree_map_with_path(sample, abstract)
-
-
-def import_timm():
-  """timm, importable beside the CPU-only torch wheel (see timm_compat);
-  skips the test where it is not."""
-  from darknet53_jax import timm_compat  # pylint: disable=g-import-not-at-top
-  try:
-    return timm_compat.import_timm()
-  except ImportError as e:
-    pytest.skip(f'timm is not importable: {e}')
 
 
 def timm_darknet53(timm, depths, widths, num_classes: int,
@@ -203,6 +205,17 @@ def write_checkpoint(directory: str, config: ml_collections.ConfigDict,
   manager.wait()
   manager.close()
   return variables
+
+
+def import_timm():
+  """timm, importable beside the CPU-only torch wheel (``timm_compat``); the
+  test is skipped where torch or timm cannot be imported."""
+  pytest.importorskip('torch')
+  from darknet53_jax import timm_compat  # pylint: disable=g-import-not-at-top
+  try:
+    return timm_compat.import_timm()
+  except ImportError as e:
+    pytest.skip(f'timm is not importable: {e}')
 
 
 @pytest.fixture(scope='session')

@@ -94,6 +94,42 @@ def test_weight_decay_only_on_kernels():
     np.testing.assert_allclose(leaf, 0.0)
 
 
+def _fine_tune_updates(**overrides):
+  """One step's updates of a stem and a head under ``overrides``, from
+  gradients of ones, with weight decay 0.5 and the learning rate 1."""
+  params = {'stem': {'kernel': jnp.ones((3, 3, 2, 2)), 'scale': jnp.ones(2)},
+            'head': {'kernel': jnp.ones((2, 3)), 'bias': jnp.ones(3)}}
+  tx = optim.create_optimizer(_config(weight_decay=0.5, **overrides),
+                              lambda _: 1.0)
+  grads = jax.tree.map(jnp.ones_like, params)
+  return tx.update(grads, tx.init(params), params)
+
+
+def test_backbone_learns_at_its_multiplier_of_the_rate():
+  updates, _ = _fine_tune_updates(backbone_lr_multiplier=0.1)
+  # -lr * (grad + decay * param) for kernels, -lr * grad otherwise.
+  np.testing.assert_allclose(updates['stem']['kernel'], -0.15, rtol=1e-6)
+  np.testing.assert_allclose(updates['stem']['scale'], -0.1, rtol=1e-6)
+  np.testing.assert_allclose(updates['head']['kernel'], -1.5)
+  np.testing.assert_allclose(updates['head']['bias'], -1.0)
+
+
+def test_frozen_backbone_gets_no_update_decay_or_momentum():
+  updates, state = _fine_tune_updates(freeze_backbone=True,
+                                      backbone_lr_multiplier=0.1)
+  for leaf in jax.tree.leaves(updates['stem']):
+    np.testing.assert_array_equal(leaf, 0.0)
+  np.testing.assert_allclose(updates['head']['kernel'], -1.5)
+  # Momentum is kept for the head's 6 + 3 values only (and a step count).
+  assert sorted(x.size for x in jax.tree.leaves(state)) == [1, 3, 6]
+
+
+def test_backbone_lr_multiplier_is_not_negative():
+  with pytest.raises(config_lib.ConfigError,
+                     match='backbone_lr_multiplier=-1.0: use a value >= 0'):
+    config_lib.validate(_config(backbone_lr_multiplier=-1.0), 1, 1)
+
+
 def test_label_smoothing_matches_reference():
   targets = optim.smoothed_one_hot(jnp.array([2]), 5, 0.1)
   np.testing.assert_allclose(targets, [[0.025, 0.025, 0.9, 0.025, 0.025]],

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 
 from darknet53_jax import precision
+from darknet53_jax import optim
 from darknet53_jax import sharding
+from darknet53_jax import steps
 from tests import conftest
 
 
@@ -178,6 +180,31 @@ def test_float16_step_trains():
   assert np.isfinite(float(metrics['loss']))
   assert conftest.max_relative_difference(jax.device_get(state.params),
                                           initial) > 0
+
+
+def test_frozen_backbone_trains_the_head_on_running_statistics():
+  config = conftest.tiny_config()
+  config.freeze_backbone = True
+  config.batch_size = 8
+  mesh, run = conftest.train_setup(config, jax.devices()[:1])
+  before = jax.device_get({'params': run.state.params,
+                           'batch_stats': run.state.batch_stats})
+  batch = conftest.random_batches(config, 1)[0]
+  state, metrics = run.train_step(run.state,
+                                  sharding.global_batch(mesh, batch))
+  after = jax.device_get({'params': state.params,
+                          'batch_stats': state.batch_stats})
+  head_before = before['params'].pop('head')
+  head_after = after['params'].pop('head')
+  conftest.assert_trees_equal(after, before)  # Weight decay included.
+  assert conftest.max_relative_difference(head_after, head_before) > 0
+  # The step's forward pass is the eval-mode one.
+  logits = run.model.apply({**before, 'params': {**before['params'],
+                                                 'head': head_before}},
+                           steps.image_normalizer(config)(batch['image']))
+  loss = optim.cross_entropy(logits, batch['label'],
+                             config.label_smoothing).mean()
+  np.testing.assert_allclose(metrics['loss'], loss, rtol=1e-5)
 
 
 if __name__ == '__main__':
