@@ -1,7 +1,7 @@
 r"""Darknet-53's convolutions one by one: XLA's against ``conv.py``'s.
 
   python -m benchmarks.conv_layers [--batch_size=16] [--image_size=128] \
-      [--rounds=5]
+      [--width_multiplier=1] [--rounds=5]
 
 For one layer of each shape in Darknet-53 (1x1 and 3x3, stride 1 and 2, at
 every stage) times, in float32 on the default device, the forward pass, the
@@ -9,7 +9,8 @@ input gradient and the kernel gradient of ``lax.conv_general_dilated``
 (``model.cpu_matmul_convs=False``) and of ``conv.conv_general_dilated``
 (``True``, the default), and prints a Markdown table in milliseconds (the
 best of ``--rounds``) with the network's total, each layer weighted by how
-many times it occurs.
+many times it occurs. ``--width_multiplier`` scales the features as
+``model.width_multiplier`` does (not the image's three).
 """
 
 import time
@@ -22,6 +23,8 @@ from darknet53_jax import allocator
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('batch_size', 16, 'Images per call.')
 flags.DEFINE_integer('image_size', 128, 'Input height and width.')
+flags.DEFINE_float('width_multiplier', 1.0, 'Feature multiplier, as the '
+                   "model's.")
 flags.DEFINE_integer('rounds', 5, 'Timed calls per measurement (best kept).')
 
 # (stride of the input feature map, in, out, kernel, stride, occurrences).
@@ -34,6 +37,14 @@ LAYERS = (
     (16, 512, 1024, 3, 2, 1),
     (32, 1024, 512, 1, 1, 4), (32, 512, 1024, 3, 1, 4),
 )
+IMAGE_CHANNELS = 3
+
+
+def _width(features: int) -> int:
+  """``features`` scaled as ``model.Darknet53._width`` scales them."""
+  if features == IMAGE_CHANNELS:
+    return features
+  return max(1, int(round(features * FLAGS.width_multiplier)))
 
 
 def _best_ms(fn, *args) -> float:
@@ -74,12 +85,14 @@ def main(argv):
   rng = np.random.default_rng(0)
   columns = ('forward', 'input gradient', 'kernel gradient')
   print(f'{jax.devices()[0].device_kind}, float32, batch {FLAGS.batch_size}, '
-        f'{FLAGS.image_size} px; best of {FLAGS.rounds}; ms per call\n')
+        f'{FLAGS.image_size} px, width x{FLAGS.width_multiplier}; best of '
+        f'{FLAGS.rounds}; ms per call\n')
   print('| layer | times | ' + ' | '.join(
       f'{c} XLA | {c} ours' for c in columns) + ' |')
   print('|---|---:|' + '---:|' * 2 * len(columns))
   totals = np.zeros((len(columns), 2))
   for reduction, c_in, c_out, size, strides, count in LAYERS:
+    c_in, c_out = _width(c_in), _width(c_out)
     side = FLAGS.image_size // reduction
     x = jax.numpy.asarray(rng.normal(size=(FLAGS.batch_size, side, side,
                                            c_in)), jax.numpy.float32)

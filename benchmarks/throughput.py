@@ -18,6 +18,7 @@ train and the inference size. Imports no TensorFlow.
 
 import json
 import os
+import platform
 import statistics
 import time
 from typing import Any
@@ -76,6 +77,9 @@ PEAK_FLOPS = (
     ('TPU v5', {'bfloat16': 459e12, 'float32': 459e12}),
     ('TPU v6 lite', {'bfloat16': 918e12, 'float32': 918e12}),
 )
+# The CPU features that decide which kernels XLA and PyTorch can use.
+VECTOR_EXTENSIONS = ('avx2', 'avx512f', 'avx512_bf16', 'avx512_fp16',
+                     'amx_bf16', 'amx_tile')
 
 
 def config_from_flags() -> ml_collections.ConfigDict:
@@ -95,25 +99,52 @@ def config_from_flags() -> ml_collections.ConfigDict:
   return config
 
 
+def cpu_info() -> dict[str, Any]:
+  """The host CPU from /proc/cpuinfo: model name, clock and flags.
+
+  Returns:
+    ``model`` (``platform.processor()`` without /proc/cpuinfo), ``mhz``
+    (``None`` if not listed), ``flags`` and ``vector_extensions``: those of
+    ``VECTOR_EXTENSIONS`` that the CPU has.
+  """
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8') as f:
+      info = dict(line.split(':', 1) for line in f if ':' in line)
+  except OSError:
+    info = {}
+  info = {key.strip(): value.strip() for key, value in info.items()}
+  cpu_flags = info.get('flags', '').split()
+  return {
+      'model': info.get('model name') or platform.processor() or 'unknown',
+      'mhz': float(info['cpu MHz']) if 'cpu MHz' in info else None,
+      'flags': cpu_flags,
+      'vector_extensions': [e for e in VECTOR_EXTENSIONS if e in cpu_flags]}
+
+
+def describe_cpu(info: dict[str, Any]) -> str:
+  """``MODEL (EXTENSIONS)``, e.g. ``AMD EPYC (avx2)``."""
+  extensions = ', '.join(info['vector_extensions']) or 'no AVX2, AVX-512, AMX'
+  return f'{info["model"]} ({extensions})'
+
+
 def _cpu_peak_flops() -> tuple[float | None, str]:
   """Cores x clock x FMA lanes: an estimate, from /proc/cpuinfo."""
-  try:
-    with open('/proc/cpuinfo') as f:
-      info = f.read()
-  except OSError:
-    return None, 'unknown (no /proc/cpuinfo)'
-  mhz = [float(line.split(':')[1]) for line in info.splitlines()
-         if line.startswith('cpu MHz')]
-  cpu_flags = next((line.split(':')[1].split() for line in info.splitlines()
-                    if line.startswith('flags')), [])
-  if not mhz or 'fma' not in cpu_flags:
+  info = cpu_info()
+  if info['mhz'] is None or 'fma' not in info['flags']:
     return None, 'unknown (no clock or no FMA in /proc/cpuinfo)'
   # Two FMA pipes, each a multiply and an add on every float32 lane.
-  lanes = 16 if 'avx512f' in cpu_flags else 8
+  lanes = 16 if 'avx512f' in info['flags'] else 8
   cores = len(os.sched_getaffinity(0))
-  peak = cores * mhz[0] * 1e6 * 2 * 2 * lanes
-  return peak, (f'estimate: {cores} cores x {mhz[0]:.0f} MHz x 2 FMA pipes '
-                f'x {lanes} float32 lanes x 2')
+  peak = cores * info['mhz'] * 1e6 * 2 * 2 * lanes
+  return peak, (f'estimate: {cores} cores x {info["mhz"]:.0f} MHz x 2 FMA '
+                f'pipes x {lanes} float32 lanes x 2')
+
+
+def describe_device(device: jax.Device) -> str:
+  """The device kind; for a CPU, its model and vector extensions."""
+  if device.platform == 'cpu':
+    return describe_cpu(cpu_info())
+  return device.device_kind
 
 
 def peak_flops(device: jax.Device, dtype: str) -> tuple[float | None, str]:
@@ -219,8 +250,11 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   first_step_s = runtime.seconds_since_process_start()
   device = bench.devices[0]
   peak, peak_source = peak_flops(device, config.dtype)
+  cpu = cpu_info()
   results = {
       'device_kind': device.device_kind, 'platform': device.platform,
+      'device': describe_device(device),
+      'cpu': {key: cpu[key] for key in ('model', 'vector_extensions')},
       'num_devices': len(bench.devices), 'jax_version': jax.__version__,
       'dtype': config.dtype, 'batch_size': config.batch_size,
       'train_size': config.train_size, 'eval_size': config.eval_size,
@@ -261,7 +295,7 @@ def format_table(results: dict[str, Any]) -> str:
   memory = results['peak_memory_bytes']
   lines += [
       '',
-      f'device: {results["num_devices"]} x {results["device_kind"]} '
+      f'device: {results["num_devices"]} x {results["device"]} '
       f'({results["platform"]}), jax {results["jax_version"]}',
       f'config: {results["dtype"]}, global batch {results["batch_size"]}, '
       f'{results["train_size"]} px train, {results["eval_size"]} px '

@@ -14,6 +14,11 @@ On CPUs (measured in docs/performance.md):
 - any other convolution's kernel gradient is the transpose of one matmul of
   image patches (im2col), where XLA emits a slow convolution over the whole
   feature map.
+
+XLA:CPU compiles each loop it cannot fuse into a kernel of its own, and
+compiling them is most of a train step's compile time: the patches and
+Winograd's tiles are one gather each, and each 1-D transform one stacked
+array, rather than a slice or an array per window position.
 """
 
 import functools
@@ -54,6 +59,35 @@ def _tile_counts(height, width):
   return -(-height // 2), -(-width // 2)
 
 
+def _along(transform, values, axis):
+  """The 1-D ``transform`` of ``values`` along ``axis``.
+
+  Its outputs are stacked into one array, which XLA:CPU fuses into one
+  loop.
+  """
+  return jnp.stack(transform(*[
+      lax.index_in_dim(values, i, axis, keepdims=False)
+      for i in range(values.shape[axis])]), axis=axis)
+
+
+def _windows(x, size, strides, counts):
+  """NHWC ``x``'s windows: [batch, rows, cols, size[0], size[1], features].
+
+  Window (r, c) starts at row ``strides[0] * r`` and column
+  ``strides[1] * c``; ``counts`` are (rows, cols). One gather, which XLA:CPU
+  fuses with the pad before it and the transposes after it into one loop.
+  """
+  rows, cols = (stride * np.arange(count)[:, None] + np.arange(window)
+                for window, stride, count in zip(size, strides, counts))
+  indices = np.stack(np.broadcast_arrays(rows[:, None, :, None],
+                                         cols[None, :, None, :]), axis=-1)
+  return lax.gather(
+      x, indices.astype(np.int32), lax.GatherDimensionNumbers(
+          offset_dims=(0, 5), collapsed_slice_dims=(1, 2),
+          start_index_map=(1, 2)),
+      slice_sizes=(x.shape[0], 1, 1, x.shape[3]), mode='promise_in_bounds')
+
+
 def _winograd_tiles(x):
   """The input transform: [16, tiles, features] from NHWC ``x``.
 
@@ -61,14 +95,12 @@ def _winograd_tiles(x):
   (and by one more at the bottom and right where a side is odd).
   """
   _, height, width, features = x.shape
-  tile_rows, tile_cols = _tile_counts(height, width)
   x = jnp.pad(x, ((0, 0), (1, 1 + height % 2), (1, 1 + width % 2), (0, 0)))
-  rows = _winograd_input_transform(*[
-      x[:, i:i + 2 * tile_rows:2] for i in range(4)])
-  tiles = jnp.stack([
-      t for row in rows for t in _winograd_input_transform(*[
-          row[:, :, j:j + 2 * tile_cols:2] for j in range(4)])])
-  return tiles.reshape(16, -1, features)
+  windows = _windows(x, (4, 4), (2, 2), _tile_counts(height, width))
+  windows = windows.transpose(3, 4, 0, 1, 2, 5)
+  for axis in (0, 1):
+    windows = _along(_winograd_input_transform, windows, axis)
+  return windows.reshape(16, -1, features)
 
 
 def _winograd_products(tiles, kernel, transposed=False):
@@ -92,11 +124,11 @@ def _winograd_conv(x, kernel, transposed=False):
   """
   batch, height, width, _ = x.shape
   tile_rows, tile_cols = _tile_counts(height, width)
-  products = _winograd_products(_winograd_tiles(x), kernel, transposed)
-  products = products.reshape(4, 4, batch, tile_rows, tile_cols, -1)
-  y = jnp.stack([
-      jnp.stack(_winograd_output_transform(*row), axis=3)
-      for row in _winograd_output_transform(*products)], axis=2)
+  y = _winograd_products(_winograd_tiles(x), kernel, transposed).reshape(
+      4, 4, batch, tile_rows, tile_cols, -1)
+  for axis in (0, 1):
+    y = _along(_winograd_output_transform, y, axis)
+  y = y.transpose(2, 3, 0, 4, 1, 5)
   return y.reshape(batch, 2 * tile_rows, 2 * tile_cols, -1)[
       :, :height, :width]
 
@@ -122,14 +154,14 @@ def _winograd_kernel_gradient(x, kernel, dy):
   batch, height, width, out_features = dy.shape
   tile_rows, tile_cols = _tile_counts(height, width)
   dy = jnp.pad(dy, ((0, 0), (0, height % 2), (0, width % 2), (0, 0)))
-  dy = dy.reshape(batch, tile_rows, 2, tile_cols, 2, out_features)
-  tile_grads = jnp.stack([
-      g for row in _winograd_output_transform_transposed(
-          dy[:, :, 0], dy[:, :, 1])
-      for g in _winograd_output_transform_transposed(
-          row[:, :, :, 0], row[:, :, :, 1])]).reshape(16, -1, out_features)
+  tile_grads = dy.reshape(batch, tile_rows, 2, tile_cols, 2,
+                          out_features).transpose(2, 4, 0, 1, 3, 5)
+  for axis in (0, 1):
+    tile_grads = _along(_winograd_output_transform_transposed, tile_grads,
+                        axis)
   tiles = _winograd_tiles(x)
-  return _kernel_gradient(_winograd_products, tiles, kernel, tile_grads)
+  return _kernel_gradient(_winograd_products, tiles, kernel,
+                          tile_grads.reshape(16, -1, out_features))
 
 
 def _uses_winograd(x, kernel, strides, padding):
@@ -158,12 +190,8 @@ def _im2col_conv(x, kernel, strides, padding):
   x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
   rows = (x.shape[1] - height) // strides[0] + 1
   cols = (x.shape[2] - width) // strides[1] + 1
-  patches = jnp.concatenate([
-      lax.slice(x, (0, i, j, 0),
-                (x.shape[0], i + (rows - 1) * strides[0] + 1,
-                 j + (cols - 1) * strides[1] + 1, in_features),
-                (1, *strides, 1))
-      for i in range(height) for j in range(width)], axis=-1)
+  patches = _windows(x, (height, width), strides, (rows, cols)).reshape(
+      x.shape[0], rows, cols, -1)
   return patches @ kernel.reshape(height * width * in_features, out_features)
 
 
