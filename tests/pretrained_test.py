@@ -63,7 +63,7 @@ def test_checkpoint_of_other_classes_starts_a_fine_tune(digits_data_dir,
   source = conftest.write_checkpoint(str(tmp_path / 'source'), source_config)
   config = conftest.tiny_config(digits_data_dir)
   config.init_from = str(tmp_path / 'source')
-  caplog.set_level('INFO')
+  caplog.set_level('INFO', logger='absl')  # Whatever earlier tests set.
   train_loop.train_and_evaluate(config, str(tmp_path / 'run'),
                                 stop_at_step=0)
   got = checkpoints.load_variables(str(tmp_path / 'run'))
