@@ -95,28 +95,26 @@ def test_non_finite_step_changes_nothing_and_halves_scale():
   assert int(after.step) == int(before.step) + 1
 
 
-def test_loss_scale_doubles_after_growth_interval_finite_steps():
-  config = _fp16_config()
+def _loss_scales(config, steps: int = 4) -> list[float]:
+  """The loss scale after each of ``steps`` finite steps."""
   mesh, run = conftest.train_setup(config, jax.devices()[:1])
   state, scales = run.state, []
-  for batch in conftest.random_batches(config, 4):
+  for batch in conftest.random_batches(config, steps):
     state, metrics = run.train_step(state, sharding.global_batch(mesh, batch))
     assert float(metrics['finite']) == 1.0
     scales.append(float(metrics['loss_scale']))
+  return scales
+
+
+def test_loss_scale_doubles_after_growth_interval_finite_steps():
   # growth_interval=2: two finite steps at 1024, the third doubles it.
-  assert scales == [1024.0, 1024.0, 2048.0, 2048.0]
+  assert _loss_scales(_fp16_config()) == [1024.0, 1024.0, 2048.0, 2048.0]
 
 
 def test_fixed_loss_scale_stays_put():
   config = _fp16_config()
   config.loss_scale_mode = 'fixed'
-  mesh, run = conftest.train_setup(config, jax.devices()[:1])
-  state, scales = run.state, []
-  for batch in conftest.random_batches(config, 4):
-    state, metrics = run.train_step(state, sharding.global_batch(mesh, batch))
-    assert float(metrics['finite']) == 1.0
-    scales.append(float(metrics['loss_scale']))
-  assert scales == [1024.0] * 4
+  assert _loss_scales(config) == [1024.0] * 4
 
 
 def test_fixed_scale_applies_an_overflowing_step_as_the_reference():
