@@ -69,7 +69,7 @@ def apply_if_finite(state, finite: jax.Array, grads: Any, batch_stats: Any,
   ``skip_nonfinite=False``, ``state.apply_gradients`` whatever ``finite``.
 
   One branch over the whole update, not a select per leaf: with selects
-  XLA:CPU compiles the train step about three times slower
+  XLA:CPU compiles the train step much more slowly
   (docs/performance.md).
   """
   def apply():
