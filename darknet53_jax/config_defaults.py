@@ -33,6 +33,19 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_crop_pct = 256 / 292
   config.interpolation = 'bilinear'
   config.mean_rgb = (0.485, 0.456, 0.406)
+  # RandAugment in timm's notation, e.g. 'rand-m9-mstd0.5-inc1' (docs/data.md);
+  # '': off.
+  config.rand_augment = ''
+  # Random erasing: the probability that a train image gets an erased
+  # rectangle (timm's re_prob); 0: off.
+  config.random_erasing = 0.0
+  # Mixup and CutMix on the devices (timm's names): an alpha of 0 turns
+  # either off; mix_prob is the chance a batch is mixed at all, and
+  # mix_switch_prob the chance that CutMix replaces Mixup when both are on.
+  config.mixup_alpha = 0.0
+  config.cutmix_alpha = 0.0
+  config.mix_prob = 1.0
+  config.mix_switch_prob = 0.5
   config.std_rgb = (0.229, 0.224, 0.225)
 
   # Model.
@@ -77,8 +90,17 @@ def get_config() -> ml_collections.ConfigDict:
   # loss_scale_mode='fixed'.
   config.skip_nonfinite_updates = True
 
-  # Optimisation. batch_size is global (over all devices and processes).
+  # Optimisation. batch_size is global (over all devices and processes), per
+  # update: with accumulation_steps > 1, each device runs its share of the
+  # batch as that many micro-batches and applies one update.
   config.batch_size = 256
+  config.accumulation_steps = 1
+  # 'sgd' (momentum, nesterov), 'adamw', 'lamb' or 'lars'.
+  config.optimizer = 'sgd'
+  config.adam_b1 = 0.9
+  config.adam_b2 = 0.999
+  config.adam_eps = 1e-8
+  config.lars_trust_coefficient = 0.001
   config.num_epochs = 150
   config.learning_rate = 0.1
   config.lr_scaling = 'linear'  # peak = learning_rate * batch_size / 256.
@@ -88,6 +110,12 @@ def get_config() -> ml_collections.ConfigDict:
   # end of warm-up, every step) or 'per_epoch_from_epoch0' (the reference's:
   # cos(pi * epoch / num_epochs), constant within an epoch).
   config.cosine_schedule = 'per_step_after_warmup'
+  # After warm-up: 'cosine' (above), 'step' (times lr_step_decay at each of
+  # lr_step_epochs) or 'poly' ((1 - progress) ** lr_poly_power, Darknet's).
+  config.lr_schedule = 'cosine'
+  config.lr_step_epochs = (30, 60, 90)
+  config.lr_step_decay = 0.1
+  config.lr_poly_power = 4.0
   config.momentum = 0.9
   config.nesterov = False
   config.weight_decay = 1e-4
@@ -95,6 +123,12 @@ def get_config() -> ml_collections.ConfigDict:
   # Stop after this many consecutive non-finite steps, except in float16
   # with a dynamic loss scale and skipped updates (it recovers from them).
   config.max_consecutive_nonfinite_steps = 20
+
+  # Exponential moving average of the params and BatchNorm statistics,
+  # evaluated beside them as eval_ema/*; 0: off. ema_warmup: the decay
+  # starts low and approaches ema_decay as (1 + step) / (10 + step).
+  config.ema_decay = 0.0
+  config.ema_warmup = False
 
   # Checkpoints, evaluation and logging.
   config.checkpoint_every_epochs = 5
