@@ -52,13 +52,18 @@ def create_model(config: ml_collections.ConfigDict) -> model_lib.Darknet53:
 def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict,
                        model: model_lib.Darknet53,
                        tx: optax.GradientTransformation) -> steps.TrainState:
-  """Initialises the variables, optimiser and (for float16) the loss scale."""
+  """Initialises the variables, optimiser, (for float16) the loss scale and
+  (with ``config.ema_decay``) the EMA, a copy of the variables."""
   variables = model.init(
       rng, jnp.zeros((1, INIT_SIZE, INIT_SIZE, 3), jnp.float32), train=False)
-  return steps.TrainState.create(
+  state = steps.TrainState.create(
       apply_fn=model.apply, params=variables['params'],
       batch_stats=variables['batch_stats'], tx=tx,
-      dynamic_scale=precision.create_loss_scale(config))
+      dynamic_scale=precision.create_loss_scale(config),
+      ema_decay=config.ema_decay, ema_warmup=config.ema_warmup)
+  if config.ema_decay:
+    state = state.replace(ema=jax.tree.map(jnp.copy, dict(variables)))
+  return state
 
 
 def _replicated_train_state(init: Callable, mesh: Mesh,

@@ -7,8 +7,8 @@ names), so predict and export can rebuild the model, its eval protocol and
 its labels from the checkpoint alone. Orbax commits a step atomically: an
 interrupted save leaves no step that restores.
 
-A workdir's ``best/`` holds one more checkpoint directory: the params and
-BatchNorm statistics of the evaluation with the highest ``eval/top1`` so far
+A workdir's ``best/`` holds one more checkpoint directory: the params,
+BatchNorm statistics and (if any) their EMA of the evaluation with the highest ``eval/top1`` so far
 (``BestCheckpoint``), with those metrics (``eval_metrics``, JSON).
 """
 
@@ -31,6 +31,7 @@ EVAL_METRICS = 'eval_metrics'  # Not 'metrics': orbax's own item.
 WORKDIR_SUBDIR = 'checkpoints'
 BEST_SUBDIR = 'best'
 MODEL_COLLECTIONS = ('params', 'batch_stats')
+EMA = 'ema'  # The train state's moving average of MODEL_COLLECTIONS.
 
 
 class CheckpointError(errors.UserError, ValueError):
@@ -133,7 +134,7 @@ class CheckpointManager:
     if steps:
       raise CheckpointError(
           f'No checkpoint in {self.directory} can be restored into this run '
-          f'(was config.dtype or the optimiser changed?); move them away to '
+          f'(was config.dtype, the optimiser or config.ema_decay changed?); move them away to '
           f'start afresh. Newest: {reasons[0]}')
     return None
 
@@ -150,8 +151,8 @@ class CheckpointManager:
 class BestCheckpoint:
   """Keeps the variables of the evaluation with the highest top-1.
 
-  One checkpoint directory holds one step: the params and batch_stats of
-  the best evaluation so far, its config, class names and eval metrics. It
+  One checkpoint directory holds one step: the params, batch_stats and EMA
+  (if any) of the best evaluation so far, its config, class names and eval metrics. It
   picks up where a resumed run left it. A tie keeps the earlier step.
   """
 
@@ -175,8 +176,10 @@ class BestCheckpoint:
     if self.step is not None and self.step >= step:
       # A resumed run replaying the steps up to the best it had reached.
       self._manager.delete(self.step)
-    self._manager.save(step, {k: getattr(state, k) for k in MODEL_COLLECTIONS},
-                       config, class_names, metrics)
+    variables = {k: getattr(state, k) for k in MODEL_COLLECTIONS}
+    if getattr(state, EMA, None) is not None:
+      variables[EMA] = state.ema
+    self._manager.save(step, variables, config, class_names, metrics)
     self.step, self.top1 = step, metrics['top1']
     return True
 
@@ -213,11 +216,18 @@ def _step_directory(path: str) -> epath.Path:
       'one step folder inside it.')
 
 
-def load_variables(path: str) -> dict:
+def load_variables(path: str, ema: bool = False) -> dict:
   """``{'params', 'batch_stats'}`` from a checkpoint, as host arrays.
 
   Accepts a workdir, a checkpoint directory (its latest step) or a step
   folder. Only arrays are read: nothing in the file is executed.
+
+  Args:
+    path: the checkpoint.
+    ema: the EMA's variables instead of the live ones.
+
+  Raises:
+    CheckpointError: no checkpoint there, or ``ema`` and it holds no EMA.
   """
   step_dir = _step_directory(path)
   with ocp.PyTreeCheckpointer() as checkpointer:
@@ -228,6 +238,12 @@ def load_variables(path: str) -> dict:
         lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
     state = checkpointer.restore(
         step_dir / STATE, args=ocp.args.PyTreeRestore(restore_args=to_host))
+  if ema:
+    if not state.get(EMA):
+      raise CheckpointError(
+          f'{step_dir} holds no EMA variables (its run had '
+          'config.ema_decay=0): drop --ema to use its live ones.')
+    state = state[EMA]
   return {k: state[k] for k in MODEL_COLLECTIONS}
 
 

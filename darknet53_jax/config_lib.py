@@ -76,6 +76,9 @@ def validate(config: ml_collections.ConfigDict, device_count: int,
            f'config.batch_size={config.batch_size} does not divide over '
            f'{process_count} processes.')
   _require(config.num_epochs > 0, 'config.num_epochs must be positive.')
+  _require(0 <= config.ema_decay < 1,
+           f'config.ema_decay={config.ema_decay}: use 0 (no EMA) or a decay '
+           'in (0, 1), e.g. 0.9998.')
   _require(config.backbone_lr_multiplier >= 0,
            f'config.backbone_lr_multiplier={config.backbone_lr_multiplier}: '
            'use a value >= 0 (1.0: the head\'s rate).')

@@ -135,7 +135,8 @@ def parse_batch_size(value: str) -> int | None:
 def export_checkpoint(checkpoint: str, export_format: str, output_dir: str,
                       batch_size: int | None = None,
                       image_size: int | None = None,
-                      platforms: Sequence[str] = DEFAULT_PLATFORMS) -> None:
+                      platforms: Sequence[str] = DEFAULT_PLATFORMS,
+                      ema: bool = False) -> None:
   """Exports a checkpoint's inference function and its config to output_dir.
 
   Args:
@@ -145,10 +146,11 @@ def export_checkpoint(checkpoint: str, export_format: str, output_dir: str,
     batch_size: fixed batch size, or None (the default) for any.
     image_size: input height and width; None: the config's eval_size.
     platforms: platforms the export can run on.
+    ema: export the checkpoint's EMA variables instead of its live ones.
 
   Raises:
     ExportError: bad arguments or an existing export in output_dir.
-    checkpoints.CheckpointError: no checkpoint there.
+    checkpoints.CheckpointError: no checkpoint there (or no EMA in it).
   """
   if export_format not in FORMATS:
     raise ExportError(f'--format must be one of {FORMATS}, not '
@@ -160,7 +162,7 @@ def export_checkpoint(checkpoint: str, export_format: str, output_dir: str,
   output = epath.Path(output_dir)
   if output.exists() and any(output.iterdir()):
     raise ExportError(f'{output_dir} is not empty: give a new --output.')
-  config, model, variables = predict.load_inference_model(checkpoint)
+  config, model, variables = predict.load_inference_model(checkpoint, ema)
   image_size = image_size or config.eval_size
   if export_format == 'saved_model':
     export_saved_model(model, variables, batch_size, image_size, output_dir,
@@ -178,7 +180,7 @@ def main(argv):
   try:
     export_checkpoint(FLAGS.checkpoint, FLAGS.format, FLAGS.output,
                       parse_batch_size(FLAGS.batch_size), FLAGS.image_size,
-                      FLAGS.platforms)
+                      FLAGS.platforms, FLAGS.ema)
   except errors.UserError as e:
     sys.exit(f'error: {e}')
   logging.info('Wrote %s.', os.path.abspath(FLAGS.output))
@@ -198,6 +200,8 @@ def define_flags() -> None:
                        'eval_size).', lower_bound=1)
   flags.DEFINE_list('platforms', list(DEFAULT_PLATFORMS),
                     f'Platforms the export runs on: some of {PLATFORMS}.')
+  flags.DEFINE_bool('ema', False, 'Export the EMA of the weights (a run with '
+                    'config.ema_decay > 0).')
   flags.mark_flags_as_required(['checkpoint', 'format', 'output'])
 
 

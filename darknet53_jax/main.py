@@ -1,7 +1,7 @@
 r"""Trains or evaluates Darknet-53.
 
   python -m darknet53_jax.main --config=configs/imagenet.py --workdir=DIR \
-      [--config.KEY=VALUE ...] [--eval_only] [--checkpoint=PATH]
+      [--config.KEY=VALUE ...] [--eval_only] [--checkpoint=PATH] [--ema]
 """
 
 import sys
@@ -87,7 +87,7 @@ def main(argv):
   try:
     if FLAGS.eval_only:
       train_loop.evaluate_checkpoint(config, FLAGS.workdir,
-                                  FLAGS.checkpoint)
+                                     FLAGS.checkpoint, FLAGS.ema)
     else:
       train_loop.train_and_evaluate(config, FLAGS.workdir)
   except errors.UserError as e:
@@ -109,6 +109,9 @@ def define_flags() -> None:
                       'Checkpoint to evaluate with --eval_only (a workdir, '
                       'its checkpoints/ folder or a step folder), or '
                       f'{train_loop.BEST!r}: the --workdir\'s best one.')
+  flags.DEFINE_bool('ema', False,
+                    'With --eval_only: evaluate the EMA of the weights (a '
+                    'run with config.ema_decay > 0), as eval_ema/*.')
   config_flags.DEFINE_config_file('config', None, 'Path to a config file.',
                                   lock_config=True)
   flags.mark_flags_as_required(['config', 'workdir'])

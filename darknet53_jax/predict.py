@@ -37,22 +37,23 @@ class ImageError(errors.UserError, ValueError):
 
 
 def load_inference_model(
-    checkpoint: str
+    checkpoint: str, ema: bool = False
 ) -> tuple[ml_collections.ConfigDict, model_lib.Darknet53, dict]:
   """The config, float32 model and variables saved in a checkpoint.
 
   Args:
     checkpoint: a workdir, its checkpoints/ folder or a step folder.
+    ema: the EMA of the variables instead of the live ones.
 
   Returns:
     (config with ``dtype='float32'``, model, ``{'params', 'batch_stats'}``).
 
   Raises:
-    checkpoints.CheckpointError: no checkpoint there.
+    checkpoints.CheckpointError: no checkpoint there (or no EMA in it).
   """
   config = checkpoints.load_config(checkpoint)
   config.dtype = 'float32'
-  variables = checkpoints.load_variables(checkpoint)
+  variables = checkpoints.load_variables(checkpoint, ema)
   return config, build.create_model(config), variables
 
 
@@ -92,9 +93,11 @@ def load_image(path: str, config: ml_collections.ConfigDict) -> np.ndarray:
                      'BMP, WebP)') from None
 
 
-def predict_files(checkpoint: str, paths: list[str]) -> int:
-  """Prints each image's top classes; returns how many files failed."""
-  config, model, variables = load_inference_model(checkpoint)
+def predict_files(checkpoint: str, paths: list[str],
+                  ema: bool = False) -> int:
+  """Prints each image's top classes (``ema``: by the checkpoint's EMA
+  variables); returns how many files failed."""
+  config, model, variables = load_inference_model(checkpoint, ema)
   names = class_names(config, checkpoints.load_class_names(checkpoint))
   normalize = steps.image_normalizer(config)
   probabilities = jax.jit(
@@ -120,7 +123,7 @@ def main(argv):
     raise app.UsageError('Give one or more image files.')
   tf.config.set_visible_devices([], 'GPU')  # Keep TF off the accelerator.
   try:
-    failed = predict_files(FLAGS.checkpoint, paths)
+    failed = predict_files(FLAGS.checkpoint, paths, FLAGS.ema)
   except errors.UserError as e:
     sys.exit(f'error: {e}')
   if failed:
@@ -132,6 +135,8 @@ def define_flags() -> None:
   """The CLI's flags, defined only when run so that imports never clash."""
   flags.DEFINE_string('checkpoint', None, 'A workdir, its checkpoints/ '
                       'folder or one step folder.')
+  flags.DEFINE_bool('ema', False, 'Use the EMA of the weights (a run with '
+                    'config.ema_decay > 0).')
   flags.mark_flag_as_required('checkpoint')
 
 

@@ -14,11 +14,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+from flax import struct
 from flax.training import dynamic_scale as dynamic_scale_lib
 from flax.training import train_state
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
+from darknet53_jax import ema as ema_lib
 from darknet53_jax import image_ops
 from darknet53_jax import model as model_lib
 from darknet53_jax import optim
@@ -27,10 +29,42 @@ from darknet53_jax.sharding import DATA_AXIS
 
 
 class TrainState(train_state.TrainState):
-  """Params, optimiser state and step, plus BatchNorm statistics and the
-  float16 loss scale (``None`` for float32 and bfloat16)."""
+  """Params, optimiser state and step, plus BatchNorm statistics, the
+  float16 loss scale (``None`` for float32 and bfloat16) and the moving
+  average of the variables (``ema``: ``{'params', 'batch_stats'}``, or
+  ``None`` without ``config.ema_decay``), which each applied update moves
+  (``ema_lib``)."""
   batch_stats: Any = None
   dynamic_scale: dynamic_scale_lib.DynamicScale | None = None
+  ema: Any = None
+  ema_decay: float = struct.field(pytree_node=False, default=0.0)
+  ema_warmup: bool = struct.field(pytree_node=False, default=False)
+
+  def variables(self) -> dict:
+    """The model's variables: ``{'params', 'batch_stats'}``."""
+    return {'params': self.params, 'batch_stats': self.batch_stats}
+
+  def apply_gradients(self, *, grads, **kwargs) -> 'TrainState':
+    """The optimiser's update, then (with an EMA) the average's."""
+    new_state = super().apply_gradients(grads=grads, **kwargs)
+    if self.ema is None:
+      return new_state
+    decay = ema_lib.decay_at(self.step, self.ema_decay, self.ema_warmup)
+    return new_state.replace(
+        ema=ema_lib.update(self.ema, new_state.variables(), decay))
+
+  def with_variables(self, variables: dict) -> 'TrainState':
+    """This state with other params and BatchNorm statistics, and its EMA (if
+    any) restarted from them."""
+    ema = None if self.ema is None else jax.tree.map(jnp.copy, variables)
+    return self.replace(params=variables['params'],
+                        batch_stats=variables['batch_stats'], ema=ema)
+
+  def ema_state(self) -> 'TrainState':
+    """This state with the EMA's variables in place of the live ones (to
+    evaluate them)."""
+    return self.replace(params=self.ema['params'],
+                        batch_stats=self.ema['batch_stats'])
 
 
 def image_normalizer(config: ml_collections.ConfigDict):
@@ -114,9 +148,7 @@ def train_step(state: TrainState, batch, *, learning_rate_fn,
 
 def predict_step(state: TrainState, images, *, normalize):
   """The logits of uint8 images, with BatchNorm's running statistics."""
-  return state.apply_fn(
-      {'params': state.params, 'batch_stats': state.batch_stats},
-      normalize(images), train=False)
+  return state.apply_fn(state.variables(), normalize(images), train=False)
 
 
 def eval_step(state: TrainState, batch, *, normalize):

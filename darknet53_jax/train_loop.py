@@ -32,6 +32,7 @@ from darknet53_jax import sharding
 from darknet53_jax import steps
 
 BEST = 'best'  # evaluate_checkpoint's name for the workdir's best checkpoint.
+EMA_SUFFIX = '_ema'  # Of the EMA's eval metrics: eval_ema/*.
 
 
 def _prepare_data(config):
@@ -90,13 +91,27 @@ def evaluate(state, eval_step, mesh, builder, config,
 
 
 def _evaluate_all(state, eval_step, mesh, eval_sets, config, writer,
-                  step: int) -> dict[str, float]:
-  """Evaluates and writes every eval set; returns the main set's metrics."""
+                  step: int, prefix_suffix: str = '') -> dict[str, float]:
+  """Evaluates and writes every eval set, each as ``PREFIX{prefix_suffix}/*``;
+  returns the main set's metrics."""
   results = {}
   for prefix, (builder, split) in eval_sets.items():
     results[prefix] = evaluate(state, eval_step, mesh, builder, config, split)
-    _write_eval(writer, step, results[prefix], prefix)
+    _write_eval(writer, step, results[prefix], prefix + prefix_suffix)
   return results['eval']
+
+
+def _evaluate_live_and_ema(state, eval_step, mesh, eval_sets, config, writer,
+                           step: int) -> dict[str, float]:
+  """``_evaluate_all`` of the live variables and, if the run keeps one, of
+  their EMA (as ``eval_ema/*``, ``eval_NAME_ema/*``); returns the live
+  variables' main metrics."""
+  metrics = _evaluate_all(state, eval_step, mesh, eval_sets, config, writer,
+                          step)
+  if state.ema is not None:
+    _evaluate_all(state.ema_state(), eval_step, mesh, eval_sets, config,
+                  writer, step, EMA_SUFFIX)
+  return metrics
 
 
 def _write_eval(writer, step: int, metrics: dict[str, float],
@@ -140,10 +155,11 @@ def _setup(config: ml_collections.ConfigDict, workdir: str):
   return config, builder, eval_sets, sharding.create_mesh()
 
 
-def _load_replicated_variables(source: str, reference: dict, mesh) -> dict:
-  """A checkpoint's params and batch_stats, checked against ``reference``'s
-  shapes and replicated over the mesh."""
-  variables = checkpoints.load_variables(source)
+def _load_replicated_variables(source: str, reference: dict, mesh,
+                               ema: bool) -> dict:
+  """A checkpoint's params and batch_stats (``ema``: their EMA), checked
+  against ``reference``'s shapes and replicated over the mesh."""
+  variables = checkpoints.load_variables(source, ema)
   checkpoints.check_compatible(variables, reference, source)
   return jax.device_put(variables, sharding.replicated(mesh))
 
@@ -183,9 +199,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     logging.info('Resumed from step %d in %s.', int(state.step),
                  manager.directory)
   elif config.init_from:
-    state = state.replace(**jax.device_put(
-        pretrained.initialise(config, {'params': state.params,
-                                       'batch_stats': state.batch_stats}),
+    state = state.with_variables(jax.device_put(
+        pretrained.initialise(config, state.variables()),
         sharding.replicated(mesh)))
   start_step = int(state.step)
 
@@ -237,8 +252,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         epoch = done // steps_per_epoch
         last = done == total_steps
         if last or epoch % config.eval_every_epochs == 0:
-          eval_metrics = _evaluate_all(state, eval_step, mesh, eval_sets,
-                                       config, writer, done)
+          eval_metrics = _evaluate_live_and_ema(
+              state, eval_step, mesh, eval_sets, config, writer, done)
           _keep_if_best(best, done, state, config, class_names, eval_metrics)
         if last or epoch % config.checkpoint_every_epochs == 0:
           save(done, state)
@@ -249,8 +264,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         raise preemption.Preempted(done, stop.signum)
   if end_step == total_steps and not eval_metrics:
     # Resumed from the final checkpoint: nothing trained, evaluate it.
-    eval_metrics = _evaluate_all(state, eval_step, mesh, eval_sets, config,
-                                 writer, end_step)
+    eval_metrics = _evaluate_live_and_ema(state, eval_step, mesh, eval_sets,
+                                          config, writer, end_step)
     _keep_if_best(best, end_step, state, config, class_names, eval_metrics)
   best.close()
   if best.step is not None:
@@ -305,7 +320,8 @@ def _write_train(writer, step: int, history: list, config,
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
-                        checkpoint: str | None = None) -> dict[str, float]:
+                        checkpoint: str | None = None,
+                        ema: bool = False) -> dict[str, float]:
   """Evaluates a checkpoint; trains nothing.
 
   Args:
@@ -313,6 +329,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     workdir: eval metrics go here.
     checkpoint: a workdir, checkpoint directory or step folder; ``'best'``:
       the workdir's best checkpoint; None: the workdir's latest.
+    ema: evaluate the checkpoint's EMA variables (written as ``eval_ema/*``)
+      instead of its live ones.
   """
   config, _, eval_sets, mesh = _setup(config, workdir)
   if checkpoint == BEST:
@@ -320,16 +338,16 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   else:
     source = checkpoint or str(checkpoints.workdir_checkpoints(workdir))
   run = build.training(config, mesh, steps_per_epoch=1, abstract=True)
-  variables = _load_replicated_variables(
-      source, {'params': run.state.params,
-               'batch_stats': run.state.batch_stats}, mesh)
+  variables = _load_replicated_variables(source, run.state.variables(), mesh,
+                                         ema)
   state = steps.TrainState.create(
       apply_fn=run.model.apply, params=variables['params'],
       batch_stats=variables['batch_stats'], tx=optax.identity())
   step = checkpoints.checkpoint_step(source)
-  logging.info('Evaluating step %d of %s.', step, source)
+  logging.info('Evaluating the %s variables of step %d of %s.',
+               'EMA' if ema else 'live', step, source)
   writer = _create_writer(workdir)
   metrics = _evaluate_all(state, run.eval_step, mesh, eval_sets, config,
-                          writer, step)
+                          writer, step, EMA_SUFFIX if ema else '')
   writer.flush()
   return metrics

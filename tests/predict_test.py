@@ -120,6 +120,15 @@ def test_missing_checkpoint_is_one_line(tmp_path):
   assert 'Traceback' not in result.stderr
 
 
+def test_ema_of_a_checkpoint_without_one_is_one_line(tiny_checkpoint):
+  result = _predict_cli(tiny_checkpoint, '--ema', 'image.png')
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1].endswith(
+      'holds no EMA variables (its run had config.ema_decay=0): drop --ema '
+      'to use its live ones.')
+  assert 'Traceback' not in result.stderr
+
+
 def test_class_names():
   config = conftest.tiny_config()
   assert predict.class_names(config, NAMES) == NAMES
