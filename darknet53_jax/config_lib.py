@@ -42,6 +42,8 @@ def validate(config: ml_collections.ConfigDict, device_count: int,
       ('dtype', tuple(sorted(precision.DTYPES))),
       ('lr_scaling', optim.LR_SCALING_RULES),
       ('cosine_schedule', optim.COSINE_SCHEDULES),
+      ('lr_schedule', optim.LR_SCHEDULES),
+      ('optimizer', optim.OPTIMIZERS),
       ('loss_scale_mode', precision.LOSS_SCALE_MODES),
       ('model.activation', model_lib.ACTIVATIONS),
       ('model.kernel_init', tuple(model_lib.KERNEL_INITS)),
@@ -79,9 +81,36 @@ def validate(config: ml_collections.ConfigDict, device_count: int,
   _require(0 <= config.ema_decay < 1,
            f'config.ema_decay={config.ema_decay}: use 0 (no EMA) or a decay '
            'in (0, 1), e.g. 0.9998.')
+  _validate_optimizer(config)
   _require(config.backbone_lr_multiplier >= 0,
            f'config.backbone_lr_multiplier={config.backbone_lr_multiplier}: '
            'use a value >= 0 (1.0: the head\'s rate).')
+
+
+def _validate_optimizer(config: ml_collections.ConfigDict) -> None:
+  """The optimiser's and the learning-rate schedule's numbers."""
+  _require(config.weight_decay >= 0,
+           f'config.weight_decay={config.weight_decay}: use a value >= 0.')
+  _require(0 <= config.momentum < 1,
+           f'config.momentum={config.momentum}: use a value in [0, 1).')
+  for name in ('adam_b1', 'adam_b2'):
+    _require(0 <= config[name] < 1,
+             f'config.{name}={config[name]}: use a value in [0, 1).')
+  for name in ('adam_eps', 'lars_trust_coefficient', 'lr_poly_power'):
+    _require(config[name] > 0,
+             f'config.{name}={config[name]}: use a value > 0.')
+  _require(0 < config.lr_step_decay <= 1,
+           f'config.lr_step_decay={config.lr_step_decay}: use a factor in '
+           '(0, 1], the rate\'s multiplier at each of lr_step_epochs.')
+  epochs = tuple(config.lr_step_epochs)
+  _require(all(a < b for a, b in zip((0,) + epochs, epochs)),
+           f'config.lr_step_epochs={epochs}: use positive epochs in '
+           'increasing order.')
+  _require(config.lr_schedule != 'step' or
+           all(epoch < config.num_epochs for epoch in epochs),
+           f'config.lr_step_epochs={epochs}: with '
+           f'config.num_epochs={config.num_epochs} a step at or after the '
+           'last epoch never applies; use earlier epochs.')
 
 
 def flat_config(tree: dict, prefix: str = '') -> dict:

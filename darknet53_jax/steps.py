@@ -84,7 +84,7 @@ def train_step(state: TrainState, batch, *, learning_rate_fn,
                label_smoothing: float, sync_batch_norm: bool,
                skip_nonfinite_updates: bool, freeze_backbone: bool,
                normalize):
-  """One SGD step on this device's slice of the global batch.
+  """One optimiser step on this device's slice of the global batch.
 
   ``batch`` holds uint8 'image's, int 'label's and, with colour jitter, its
   per-image 'color_jitter' factors; ``normalize`` (``image_normalizer``)
