@@ -32,6 +32,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_size = 256
   config.eval_crop_pct = 256 / 292
   config.interpolation = 'bilinear'
+  # The eval resize's interpolation; None: config.interpolation (the train
+  # crops'). timm evaluates darknet53.c2ns_in1k at eval_size=288,
+  # eval_crop_pct=1.0, eval_interpolation='bicubic'.
+  config.eval_interpolation = ml_collections.config_dict.placeholder(str)
   config.mean_rgb = (0.485, 0.456, 0.406)
   # RandAugment in timm's notation, e.g. 'rand-m9-mstd0.5-inc1' (docs/data.md);
   # '': off.

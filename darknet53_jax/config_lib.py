@@ -61,6 +61,9 @@ def validate(config: ml_collections.ConfigDict, device_count: int,
            'config.skip_nonfinite_updates=False with float16 needs '
            "config.loss_scale_mode='fixed' (a dynamic scale must skip the "
            'steps it backs off on).')
+  _require(config.eval_interpolation in (None, *INTERPOLATIONS),
+           f'config.eval_interpolation={config.eval_interpolation!r}: use one '
+           f'of {INTERPOLATIONS}, or None for config.interpolation.')
   _require(len(config.model.stage_depths) == len(model_lib.STAGE_WIDTHS),
            f'config.model.stage_depths needs {len(model_lib.STAGE_WIDTHS)} '
            f'entries, got {tuple(config.model.stage_depths)}.')

@@ -211,11 +211,17 @@ def preprocess_eval(image_bytes, *, size: int, crop_pct: float,
   return _to_uint8(image)
 
 
+def eval_interpolation(config: ml_collections.ConfigDict) -> str:
+  """The eval resize's interpolation: ``config.eval_interpolation`` if set
+  (configs saved before it existed lack it), else the train crops'."""
+  return config.get('eval_interpolation') or config.interpolation
+
+
 def eval_preprocessing(config: ml_collections.ConfigDict) -> Callable:
   """``preprocess_eval`` with the config's eval protocol: bytes -> uint8."""
   return functools.partial(preprocess_eval, size=config.eval_size,
                            crop_pct=config.eval_crop_pct,
-                           interpolation=config.interpolation)
+                           interpolation=eval_interpolation(config))
 
 
 def _map_in_batches(ds: tf.data.Dataset, fn: Callable, batch_size: int,

@@ -7,10 +7,12 @@ import re
 import jax
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from darknet53_jax import build
 from darknet53_jax import checkpoints
 from darknet53_jax import export
+from darknet53_jax import input_pipeline
 from darknet53_jax import train_loop
 from tests import conftest
 
@@ -73,6 +75,21 @@ def test_cli_trains_then_evaluates_only(digits_data_dir, tmp_path):
   assert checkpoints.checkpoint_step(workdir) == 11  # Nothing trained.
   # --eval_only reused the training run's compiled eval step.
   assert _compiled(cache, 'eval_step') == eval_steps
+
+
+def test_eval_at_a_test_resolution(digits_data_dir, tiny_checkpoint,
+                                   tmp_path):
+  config = conftest.tiny_config(digits_data_dir)
+  trained_size = train_loop.evaluate_checkpoint(config, str(tmp_path / 'a'),
+                                                tiny_checkpoint)
+  config.update(eval_size=64, eval_crop_pct=1.0, eval_interpolation='bicubic')
+  image = input_pipeline.eval_preprocessing(config)(
+      tf.io.encode_png(np.zeros((8, 8, 3), np.uint8)))
+  assert image.shape == (64, 64, 3)
+  test_size = train_loop.evaluate_checkpoint(config, str(tmp_path / 'b'),
+                                             tiny_checkpoint)
+  assert test_size['num_examples'] == trained_size['num_examples'] == 360
+  assert test_size != trained_size
 
 
 @pytest.mark.parametrize('case, extra, devices, message', [
