@@ -5,7 +5,9 @@ Each step runs under ``jax.shard_map`` over the ``data`` mesh
 are averaged across the axis, and BatchNorm batch statistics are either
 synchronised across the axis (``config.sync_batch_norm``, so N devices
 compute exactly what one device would on the same global batch) or per
-device and averaged after the step.
+device and averaged after the step. Optionally, the train step mixes each
+device's images (``mixing``) and runs its slice as several micro-batches
+per update (``config.accumulation_steps``).
 """
 
 import functools
