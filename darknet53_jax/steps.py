@@ -50,7 +50,7 @@ def _frozen_backbone(params):
           for name, value in params.items()}
 
 
-def _accumulated_gradients(forward, state: TrainState, batch, count: int,
+def _accumulated_gradients(micro_step, state: TrainState, batch, count: int,
                            freeze_backbone: bool):
   """Runs this device's slice of ``batch`` as ``count`` micro-batches in
   sequence (one micro-batch's activations at a time) and averages them.
@@ -65,7 +65,7 @@ def _accumulated_gradients(forward, state: TrainState, batch, count: int,
   backbone leaves them as they are.
 
   Args:
-    forward: (device-varying params, micro-batch, its index) -> (this
+    micro_step: (device-varying params, micro-batch, its index) -> (this
       device's mean loss, (top-1, BatchNorm statistics)).
     state: the train state.
     batch: this device's slice, whose size ``count`` divides.
@@ -84,7 +84,7 @@ def _accumulated_gradients(forward, state: TrainState, batch, count: int,
 
   def accumulate(grad_sum, micro_batch_and_index):
     def weighted_loss(params):
-      loss, aux = forward(params, *micro_batch_and_index)
+      loss, aux = micro_step(params, *micro_batch_and_index)
       return loss * weight, (loss, aux)
 
     grads, outputs = jax.grad(weighted_loss, has_aux=True)(params)
