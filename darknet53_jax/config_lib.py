@@ -80,6 +80,23 @@ def validate(config: ml_collections.ConfigDict, device_count: int,
   _require(config.batch_size % process_count == 0,
            f'config.batch_size={config.batch_size} does not divide over '
            f'{process_count} processes.')
+  _require(isinstance(config.accumulation_steps, int) and
+           config.accumulation_steps >= 1,
+           f'config.accumulation_steps={config.accumulation_steps!r}: use an '
+           'integer >= 1 (1: no accumulation).')
+  per_device = config.batch_size // device_count
+  _require(per_device % config.accumulation_steps == 0,
+           f'config.batch_size={config.batch_size} is {per_device} per device '
+           f'over {device_count} devices, which does not split into '
+           f'config.accumulation_steps={config.accumulation_steps} '
+           'micro-batches: use a batch_size that is a multiple of '
+           f'{device_count * config.accumulation_steps}.')
+  for name in ('mixup_alpha', 'cutmix_alpha'):
+    _require(config[name] >= 0,
+             f'config.{name}={config[name]}: use a value >= 0 (0: off).')
+  for name in ('mix_prob', 'mix_switch_prob'):
+    _require(0 <= config[name] <= 1,
+             f'config.{name}={config[name]}: use a probability in [0, 1].')
   _require(config.num_epochs > 0, 'config.num_epochs must be positive.')
   _require(0 <= config.ema_decay < 1,
            f'config.ema_decay={config.ema_decay}: use 0 (no EMA) or a decay '

@@ -55,6 +55,26 @@ def create_loss_scale(
       scale=jnp.asarray(config.loss_scale, jnp.float32))
 
 
+def update_loss_scale(
+    dynamic_scale: dynamic_scale_lib.DynamicScale,
+    finite: jax.Array) -> dynamic_scale_lib.DynamicScale:
+  """The loss scale after a step that was ``finite`` or not, by the rule of
+  ``DynamicScale.value_and_grad``, which applies it only to gradients it
+  computes itself (not to accumulated ones): grow after ``growth_interval``
+  finite steps, back off (not below ``minimum_scale``) on a non-finite one.
+  """
+  s = dynamic_scale
+  grow = s.fin_steps == s.growth_interval
+  grown = jnp.where(
+      grow, jnp.minimum(s.scale * s.growth_factor, jnp.finfo(jnp.float32).max),
+      s.scale)
+  backed_off = s.scale * s.backoff_factor
+  if s.minimum_scale is not None:
+    backed_off = jnp.maximum(backed_off, s.minimum_scale)
+  return s.replace(scale=jnp.where(finite, grown, backed_off),
+                   fin_steps=jnp.where(grow | ~finite, 0, s.fin_steps + 1))
+
+
 def all_finite(loss: jax.Array, grads: Any) -> jax.Array:
   """Whether the loss and every gradient are finite (a boolean scalar)."""
   finite = jnp.isfinite(loss)

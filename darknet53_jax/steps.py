@@ -5,7 +5,9 @@ Each step runs under ``jax.shard_map`` over the ``data`` mesh
 are averaged across the axis, and BatchNorm batch statistics are either
 synchronised across the axis (``config.sync_batch_norm``, so N devices
 compute exactly what one device would on the same global batch) or per
-device and averaged after the step.
+device and averaged after the step. Optionally, the train step mixes each
+device's images (``mixing``) and runs its slice as several micro-batches
+per update (``config.accumulation_steps``).
 """
 
 import functools
@@ -14,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 from flax import struct
 from flax.training import dynamic_scale as dynamic_scale_lib
 from flax.training import train_state
@@ -22,6 +25,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from darknet53_jax import ema as ema_lib
 from darknet53_jax import image_ops
+from darknet53_jax import mixing as mixing_lib
 from darknet53_jax import model as model_lib
 from darknet53_jax import optim
 from darknet53_jax import precision
@@ -80,10 +84,67 @@ def _frozen_backbone(params):
           for name, value in params.items()}
 
 
+def _accumulated_gradients(micro_step, state: TrainState, batch, count: int,
+                           freeze_backbone: bool):
+  """Runs this device's slice of ``batch`` as ``count`` micro-batches in
+  sequence (one micro-batch's activations at a time) and averages them.
+
+  Each micro-batch's loss enters the gradient weighted by 1 / (count x
+  devices), times the float16 loss scale: its gradients are those that
+  count x as many devices would compute, and the scale guards them as it
+  would there. They are summed in float32 over the micro-batches, then once
+  over the devices. Each micro-batch updates the running BatchNorm
+  statistics from the same starting ones; their mean is the step's (so one
+  device equals ``count`` devices with ``sync_batch_norm=False``); a frozen
+  backbone leaves them as they are.
+
+  Args:
+    micro_step: (device-varying params, micro-batch, its index) -> (this
+      device's mean loss, (top-1, BatchNorm statistics)).
+    state: the train state.
+    batch: this device's slice, whose size ``count`` divides.
+    count: the number of micro-batches.
+    freeze_backbone: whether BatchNorm runs in eval mode.
+
+  Returns:
+    (the new loss scale or None, the global mean loss, (this device's
+    top-1, the BatchNorm statistics), the global mean gradients).
+  """
+  micro_batches = jax.tree.map(
+      lambda x: x.reshape(count, x.shape[0] // count, *x.shape[1:]), batch)
+  params = lax.pcast(state.params, DATA_AXIS, to='varying')
+  scale = 1.0 if state.dynamic_scale is None else state.dynamic_scale.scale
+  weight = scale / (count * lax.axis_size(DATA_AXIS))
+
+  def accumulate(grad_sum, micro_batch_and_index):
+    def weighted_loss(params):
+      loss, aux = micro_step(params, *micro_batch_and_index)
+      return loss * weight, (loss, aux)
+
+    grads, outputs = jax.grad(weighted_loss, has_aux=True)(params)
+    return jax.tree.map(jnp.add, grad_sum, grads), outputs
+
+  zeros = lax.pcast(jax.tree.map(jnp.zeros_like, state.params), DATA_AXIS,
+                    to='varying')
+  grads, (losses, (top1, batch_stats)) = lax.scan(
+      accumulate, zeros, (micro_batches, jnp.arange(count)))
+  grads = lax.psum(grads, DATA_AXIS)
+  loss = lax.pmean(jnp.mean(losses), DATA_AXIS)
+  batch_stats = (state.batch_stats if freeze_backbone else
+                 jax.tree.map(lambda x: jnp.mean(x, 0), batch_stats))
+  new_scale = None
+  if state.dynamic_scale is not None:
+    grads = jax.tree.map(lambda g: g / scale, grads)
+    new_scale = precision.update_loss_scale(
+        state.dynamic_scale, precision.all_finite(loss, grads))
+  return new_scale, loss, (jnp.mean(top1), batch_stats), grads
+
+
 def train_step(state: TrainState, batch, *, learning_rate_fn,
                label_smoothing: float, sync_batch_norm: bool,
                skip_nonfinite_updates: bool, freeze_backbone: bool,
-               normalize):
+               normalize, mixing: mixing_lib.Mixing | None = None,
+               accumulation_steps: int = 1):
   """One optimiser step on this device's slice of the global batch.
 
   ``batch`` holds uint8 'image's, int 'label's and, with colour jitter, its
@@ -106,31 +167,77 @@ def train_step(state: TrainState, batch, *, learning_rate_fn,
   are (the head, one Dense layer, is the same in both modes), and
   differentiates the head only; the optimiser leaves the backbone as it is
   (``optim.create_optimizer``).
-  """
-  images = normalize(batch['image'], jitter=batch.get('color_jitter'))
 
-  def loss_fn(params):
-    # Device-varying float32 params: the cross-device sum of their gradients
-    # (the transpose of this cast) runs in float32, before the model casts
-    # them to the compute dtype.
-    params = lax.pcast(params, DATA_AXIS, to='varying')
+  ``mixing`` (``mixing.from_config``) mixes the normalised images of each
+  device's slice, or of each micro-batch, by its own draw; the targets are
+  the draw's mix of the label-smoothed one-hots, and top-1 counts the label
+  of the larger weight. ``accumulation_steps`` > 1 runs the slice as that
+  many micro-batches and applies their mean gradient
+  (``_accumulated_gradients``).
+  """
+  def inputs(micro_batch, index):
+    """The model's input, the labels, and the mix's lam (None: unmixed)."""
+    images = normalize(micro_batch['image'],
+                       jitter=micro_batch.get('color_jitter'))
+    if mixing is None:
+      return images, micro_batch['label'], None
+    images, lam = mixing_lib.mix(
+        mixing_lib.draw_key(mixing.seed, state.step,
+                            lax.axis_index(DATA_AXIS), index),
+        images, mixing)
+    return images, micro_batch['label'], lam
+
+  def forward(params, images, labels, lam):
+    """This device's mean loss and (logits, BatchNorm statistics)."""
     if freeze_backbone:
       params = _frozen_backbone(params)
     logits, updates = state.apply_fn(
         {'params': params, 'batch_stats': state.batch_stats},
         images, train=not freeze_backbone, mutable=['batch_stats'])
-    loss = optim.cross_entropy(logits, batch['label'], label_smoothing).mean()
-    return lax.pmean(loss, DATA_AXIS), (logits, updates['batch_stats'])
+    if lam is None:
+      loss = optim.cross_entropy(logits, labels, label_smoothing)
+    else:
+      loss = optax.softmax_cross_entropy(logits, mixing_lib.mix_targets(
+          optim.smoothed_one_hot(labels, logits.shape[-1], label_smoothing),
+          lam))
+    return loss.mean(), (logits, updates['batch_stats'])
+
+  def top1(logits, labels, lam):
+    if lam is not None:
+      labels = mixing_lib.dominant_labels(labels, lam)
+    return jnp.mean(jnp.argmax(logits, -1) == labels)
 
   metrics = {}
-  if state.dynamic_scale is not None:
-    grad_fn = state.dynamic_scale.value_and_grad(loss_fn, has_aux=True)
-    new_scale, _, (loss, (logits, batch_stats)), grads = grad_fn(state.params)
-    metrics['loss_scale'] = new_scale.scale
+  if accumulation_steps > 1:
+    def micro_step(params, micro_batch, index):
+      model_inputs = inputs(micro_batch, index)
+      loss, (logits, batch_stats) = forward(params, *model_inputs)
+      return loss, (top1(logits, *model_inputs[1:]), batch_stats)
+
+    new_scale, loss, (top1_mean, batch_stats), grads = _accumulated_gradients(
+        micro_step, state, batch, accumulation_steps, freeze_backbone)
   else:
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
-    new_scale = None
+    images, labels, lam = inputs(batch, 0)
+
+    def loss_fn(params):
+      # Device-varying float32 params: the cross-device sum of their
+      # gradients (the transpose of this cast) runs in float32, before the
+      # model casts them to the compute dtype.
+      params = lax.pcast(params, DATA_AXIS, to='varying')
+      loss, aux = forward(params, images, labels, lam)
+      return lax.pmean(loss, DATA_AXIS), aux
+
+    if state.dynamic_scale is not None:
+      grad_fn = state.dynamic_scale.value_and_grad(loss_fn, has_aux=True)
+      new_scale, _, (loss, (logits, batch_stats)), grads = grad_fn(
+          state.params)
+    else:
+      (loss, (logits, batch_stats)), grads = jax.value_and_grad(
+          loss_fn, has_aux=True)(state.params)
+      new_scale = None
+    top1_mean = top1(logits, labels, lam)
+  if new_scale is not None:
+    metrics['loss_scale'] = new_scale.scale
   if not sync_batch_norm:
     batch_stats = lax.pmean(batch_stats, DATA_AXIS)
   finite = precision.all_finite(loss, grads)
@@ -138,9 +245,8 @@ def train_step(state: TrainState, batch, *, learning_rate_fn,
                                        skip_nonfinite_updates)
   new_state = new_state.replace(dynamic_scale=new_scale)
 
-  top1 = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
   metrics.update(
-      loss=loss, top1=lax.pmean(top1, DATA_AXIS),
+      loss=loss, top1=lax.pmean(top1_mean, DATA_AXIS),
       learning_rate=learning_rate_fn(state.step),
       finite=finite.astype(jnp.float32))
   return new_state, metrics
@@ -179,7 +285,9 @@ def make_train_step(mesh: Mesh, config: ml_collections.ConfigDict,
       sync_batch_norm=config.sync_batch_norm,
       skip_nonfinite_updates=config.skip_nonfinite_updates,
       freeze_backbone=config.freeze_backbone,
-      normalize=image_normalizer(config))
+      normalize=image_normalizer(config),
+      mixing=mixing_lib.from_config(config),
+      accumulation_steps=config.accumulation_steps)
   sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
                           out_specs=(P(), P()))
   return jax.jit(sharded, donate_argnums=0)

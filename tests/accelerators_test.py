@@ -89,6 +89,11 @@ def lowering_checks() -> dict:
            if dtype != 'float32' or sync}
   # The CPU convolutions, if on, leave only XLA's on other platforms.
   cases['bfloat16/cpu_matmul_convs'] = _config('bfloat16', True, True)
+  # Accumulated gradients are reduced once, in float32; the draws of
+  # Mixup and CutMix lower to plain ops.
+  cases['float16/accumulation_and_mixing'] = _config('float16', True)
+  cases['float16/accumulation_and_mixing'].update(
+      accumulation_steps=2, mixup_alpha=0.8, cutmix_alpha=1.0)
   report = {}
   for name, config in cases.items():
     lowered = lower_steps(config)

@@ -34,6 +34,17 @@ def _load(name):
     ('skip_nonfinite_updates', False,
      "config.skip_nonfinite_updates=False with float16 needs "
      "config.loss_scale_mode='fixed'"),
+    ('accumulation_steps', 0,
+     'config.accumulation_steps=0: use an integer >= 1'),
+    ('accumulation_steps', 3,
+     'config.batch_size=256 is 256 per device over 1 devices, which does not '
+     'split into config.accumulation_steps=3 micro-batches: use a batch_size '
+     'that is a multiple of 3.'),
+    ('mixup_alpha', -0.2, 'config.mixup_alpha=-0.2: use a value >= 0'),
+    ('cutmix_alpha', -1.0, 'config.cutmix_alpha=-1.0: use a value >= 0'),
+    ('mix_prob', 1.5, 'config.mix_prob=1.5: use a probability in [0, 1].'),
+    ('mix_switch_prob', -0.1,
+     'config.mix_switch_prob=-0.1: use a probability in [0, 1].'),
 ])
 def test_values_that_cannot_work_are_named_in_one_line(key, value, message):
   config = config_defaults.get_config()
@@ -54,6 +65,16 @@ def test_skipping_nothing_is_fine_outside_float16_and_with_a_fixed_scale():
     config.update(dtype=dtype, loss_scale_mode=mode,
                   skip_nonfinite_updates=False)
     config_lib.validate(config, 1, 1)
+
+
+def test_accumulation_splits_each_devices_share_of_the_batch():
+  config = config_defaults.get_config()
+  config.accumulation_steps = 4
+  config_lib.validate(config, 8, 2)  # 32 per device, micro-batches of 8.
+  config.accumulation_steps = 64
+  with pytest.raises(config_lib.ConfigError,
+                     match='32 per device over 8 devices.*multiple of 512'):
+    config_lib.validate(config, 8, 2)
 
 
 def test_recommended_recipe_is_the_defaults():
