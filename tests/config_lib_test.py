@@ -81,15 +81,19 @@ def test_recommended_recipe_is_the_defaults():
   assert _load('imagenet.py') == config_defaults.get_config()
 
 
+def _changed_from_defaults(config) -> dict:
+  defaults = config_lib.flat_config(config_defaults.get_config().to_dict())
+  return {key: value for key, value in
+          config_lib.flat_config(config.to_dict()).items()
+          if defaults[key] != value}
+
+
 @pytest.mark.parametrize('devices', [1, 8, 16])
 def test_reference_recipe_is_the_references_8_by_256_run(devices):
   config = _load('imagenet_reference.py')
   config_lib.validate(config, devices, 1)
   # Every difference from the defaults, and nothing else.
-  defaults = config_lib.flat_config(config_defaults.get_config().to_dict())
-  changed = {key: value for key, value in
-             config_lib.flat_config(config.to_dict()).items()
-             if defaults[key] != value}
+  changed = _changed_from_defaults(config)
   assert changed == {
       'batch_size': 2048, 'lr_scaling': 'none', 'sync_batch_norm': False,
       'model.activation': 'relu', 'model.kernel_init': 'xavier_uniform',
@@ -106,3 +110,17 @@ def test_reference_recipe_is_the_references_8_by_256_run(devices):
           model.bn_momentum, model.bn_unbiased_variance,
           model.bn_axis_name) == ('relu', 'xavier_uniform',
                                   'truncated_normal', 0.1, True, None)
+
+
+def test_modern_recipe_changes_what_its_docstring_names():
+  config = _load('imagenet_modern.py')
+  config_lib.validate(config, 8, 1)
+  config.accumulation_steps = 2  # 4 devices x 2 micro-batches of 256.
+  config_lib.validate(config, 4, 1)
+  assert _changed_from_defaults(_load('imagenet_modern.py')) == {
+      'num_epochs': 300, 'batch_size': 2048, 'optimizer': 'lamb',
+      'learning_rate': 5e-3, 'lr_scaling': 'none', 'weight_decay': 0.02,
+      'color_jitter': 0.0, 'rand_augment': 'rand-m7-mstd0.5-inc1',
+      'mixup_alpha': 0.2, 'cutmix_alpha': 1.0, 'ema_decay': 0.9998,
+      'ema_warmup': True, 'eval_size': 288, 'eval_crop_pct': 1.0,
+      'eval_interpolation': 'bicubic'}
