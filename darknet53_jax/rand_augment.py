@@ -11,8 +11,9 @@ follows the PIL functions that timm calls (ImageOps, ImageEnhance,
 Image.transform), to within one grey level. The geometric ops always sample
 bilinearly (docs/data.md lists the differences from timm).
 
-Images are handled as float32 [height, width, 3] holding integers in
-[0, 255], and every op returns such an image.
+The ops take and return float32 [height, width, 3] images holding integers
+in [0, 255]; ``rand_augment`` runs each one compiled with XLA on uint8
+images.
 """
 
 import functools
