@@ -150,8 +150,7 @@ def preprocess_train(image_bytes, seed, *, size: int,
                      random_erasing_mode: str = 'pixel',
                      mean_rgb: Sequence[float] = (),
                      std_rgb: Sequence[float] = ()) -> dict:
-  """Random-resized crop on the compressed bytes, flip, resize; RandAugment,
-  random erasing; jitter draw.
+  """Random-resized crop of the bytes, flip, resize, [augment]; jitter draw.
 
   The resize is not antialiased, as the reference's (OpenCV bilinear) and
   the Flax example's; flipping the crop before resizing it is the same as
