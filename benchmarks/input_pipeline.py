@@ -1,7 +1,7 @@
 r"""Input-pipeline throughput per CPU core, next to raw JPEG decoding.
 
   python -m benchmarks.input_pipeline [--cores=1] [--num_images=256] \
-      [--seconds=8] [--repeats=3]
+      [--seconds=8] [--repeats=3] [--rows=train]
 
 Writes ImageNet-like JPEGs (500x375, quality 90, smooth colour fields with
 detail and noise, about 100 kB each, as ImageNet's), prepares them as an
@@ -13,6 +13,8 @@ image folder, then measures, pinned to ``--cores`` CPUs:
   batching) with the reference recipe (configs/imagenet.py): random-resized
   crop decoded from the JPEG, flip, resize to 256, uint8, colour-jitter
   factors, batches of 64 (the jitter and normalisation run on the devices);
+- the same with RandAugment (rand-m9-mstd0.5-inc1), random erasing (0.25,
+  'pixel') and both;
 - the whole eval pipeline: the reference (resize 292 bilinear, crop 256) and
   timm's (288 bicubic, crop 256).
 
@@ -38,8 +40,15 @@ flags.DEFINE_integer('num_images', 512, 'Distinct JPEGs to generate.')
 flags.DEFINE_float('seconds', 8.0, 'Length of one timed run.')
 flags.DEFINE_integer('repeats', 3, 'Timed runs per pipeline (median kept).')
 flags.DEFINE_integer('batch_size', 64, 'Per-process batch size.')
+flags.DEFINE_list('rows', [], 'Only the pipelines whose names contain one '
+                  'of these texts (the raw decode always runs); all if '
+                  'empty.')
 
 IMAGE_SIZE = (375, 500)  # (height, width)
+# The augmentations measured on top of the reference recipe: timm's usual
+# RandAugment and a common random-erasing probability.
+RAND_AUGMENT = 'rand-m9-mstd0.5-inc1'
+RANDOM_ERASING = 0.25
 JPEG_QUALITY = 90
 # Each timed run first drains what the pipeline prefetched while idle.
 WARM_UP_FRACTION = 0.2
@@ -127,6 +136,13 @@ def main(argv):
     timm.eval_crop_pct, timm.interpolation = 0.887, 'bicubic'
     batch = FLAGS.batch_size
 
+    def train(**fields):
+      """The train pipeline of ``config`` with ``fields`` changed."""
+      changed = config.copy_and_resolve_references()
+      changed.update(fields)
+      return lambda: input_pipeline.create_train_iterator(
+          builder, changed, batch, 0, 0, 1)
+
     def in_memory(fn):
       """fn(image bytes, int64 seed [2]) over the encoded images, batched."""
       ds = tf.data.Dataset.zip(
@@ -141,9 +157,13 @@ def main(argv):
             lambda image, seed: tf.io.decode_jpeg(image)),
         'preprocess_train alone': lambda: in_memory(
             input_pipeline.train_preprocessing(config)),
-        'train pipeline: reference recipe, 256 px': lambda: (
-            input_pipeline.create_train_iterator(builder, config, batch, 0,
-                                                 0, 1)),
+        'train pipeline: reference recipe, 256 px': train(),
+        f'train pipeline + RandAugment {RAND_AUGMENT}': train(
+            rand_augment=RAND_AUGMENT),
+        f'train pipeline + random erasing {RANDOM_ERASING}': train(
+            random_erasing=RANDOM_ERASING),
+        'train pipeline + both': train(rand_augment=RAND_AUGMENT,
+                                       random_erasing=RANDOM_ERASING),
         'eval pipeline: reference, resize 292 bilinear, crop 256': lambda: (
             _endless(input_pipeline.create_eval_dataset(
                 builder, config, 'validation', batch, 0, 1)[0])),
@@ -151,6 +171,10 @@ def main(argv):
             _endless(input_pipeline.create_eval_dataset(
                 builder, timm, 'validation', batch, 0, 1)[0])),
     }
+    raw = next(iter(pipelines))
+    pipelines = {name: create for name, create in pipelines.items()
+                 if name == raw or not FLAGS.rows
+                 or any(text in name for text in FLAGS.rows)}
     rates = {name: [] for name in pipelines}
     for _ in range(FLAGS.repeats):
       for name, create in pipelines.items():
@@ -161,7 +185,7 @@ def main(argv):
         del batches
         gc.collect()
 
-  raw_rate = np.median([cpu for cpu, _ in rates[next(iter(rates))]])
+  raw_rate = np.median([cpu for cpu, _ in rates[raw]])
   print(f'{FLAGS.num_images} JPEGs {IMAGE_SIZE[1]}x{IMAGE_SIZE[0]}, quality '
         f'{JPEG_QUALITY}, mean {np.mean([len(e) for e in encoded]) / 1e3:.0f}'
         f' kB; pinned to {len(os.sched_getaffinity(0))} core(s); median of '

@@ -41,8 +41,11 @@ def get_config() -> ml_collections.ConfigDict:
   # '': off.
   config.rand_augment = ''
   # Random erasing: the probability that a train image gets an erased
-  # rectangle (timm's re_prob); 0: off.
+  # rectangle (timm's re_prob); 0: off. Its colours (timm's re_mode):
+  # 'pixel' (noise per pixel), 'rand' (one random colour) or 'const' (the
+  # mean colour).
   config.random_erasing = 0.0
+  config.random_erasing_mode = 'pixel'
   # Mixup and CutMix on the devices (timm's names): an alpha of 0 turns
   # either off; mix_prob is the chance a batch is mixed at all, and
   # mix_switch_prob the chance that CutMix replaces Mixup when both are on.

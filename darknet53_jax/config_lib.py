@@ -12,8 +12,11 @@ from darknet53_jax import errors
 from darknet53_jax import model as model_lib
 from darknet53_jax import optim
 from darknet53_jax import precision
+from darknet53_jax import rand_augment_spec
 
 INTERPOLATIONS = ('bilinear', 'bicubic')
+# timm's re_mode values (random_erasing.MODES).
+RANDOM_ERASING_MODES = ('pixel', 'rand', 'const')
 
 
 class ConfigError(errors.UserError, ValueError):
@@ -48,7 +51,8 @@ def validate(config: ml_collections.ConfigDict, device_count: int,
       ('model.activation', model_lib.ACTIVATIONS),
       ('model.kernel_init', tuple(model_lib.KERNEL_INITS)),
       ('model.head_init', tuple(model_lib.HEAD_INITS)),
-      ('interpolation', INTERPOLATIONS)):
+      ('interpolation', INTERPOLATIONS),
+      ('random_erasing_mode', RANDOM_ERASING_MODES)):
     value = functools.reduce(getattr, name.split('.'), config)
     _require(value in choices,
              f'config.{name}={value!r}: use one of {choices}.')
@@ -71,6 +75,17 @@ def validate(config: ml_collections.ConfigDict, device_count: int,
     size = config[name]
     _require(size > 0 and size % 32 == 0,
              f'config.{name}={size}: Darknet-53 needs a multiple of 32.')
+  if config.rand_augment:
+    try:
+      rand_augment_spec.parse(config.rand_augment)
+    except ValueError as e:
+      raise ConfigError(
+          f'config.rand_augment={config.rand_augment!r}: {e}. Use timm\'s '
+          'notation, e.g. "rand-m9-mstd0.5-inc1" (sections m, n, mstd, mmax, '
+          'inc, p; docs/data.md), or "" for none.') from None
+  _require(0 <= config.random_erasing <= 1,
+           f'config.random_erasing={config.random_erasing}: use a '
+           'probability in [0, 1] (0: off).')
   _require(0 < config.eval_crop_pct <= 1,
            f'config.eval_crop_pct={config.eval_crop_pct}: use a value in '
            '(0, 1].')

@@ -21,7 +21,7 @@ Either way it is counted and logged.
 
 import functools
 import math
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from absl import logging
 import ml_collections
@@ -29,6 +29,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from darknet53_jax import rand_augment as rand_augment_lib
+from darknet53_jax import rand_augment_spec
+from darknet53_jax import random_erasing as random_erasing_lib
 from darknet53_jax.datasets import registry
 
 # The antialiasing kernels tf.image.resize uses for each interpolation
@@ -39,6 +42,11 @@ AA_KERNELS = {'bilinear': 'triangle', 'bicubic': 'keyscubic'}
 CROP_ATTEMPTS = 10
 # Per batch: how many of its images could not be decoded.
 CORRUPT = 'corrupt'
+# Folded into an example's seed for the optional augmentations, so that the
+# crop, flip and jitter draws (and the stream with both off) stay as they
+# were.
+RAND_AUGMENT_STREAM = 1
+RANDOM_ERASING_STREAM = 2
 
 
 def _read(builder, split) -> tf.data.Dataset:
@@ -136,12 +144,18 @@ def preprocess_train(image_bytes, seed, *, size: int,
                      crop_area_range: tuple[float, float],
                      aspect_ratio_range: tuple[float, float],
                      interpolation: str, random_flip: bool,
-                     color_jitter: float) -> dict:
-  """Random-resized crop on the compressed bytes, flip, resize; jitter draw.
+                     color_jitter: float,
+                     rand_augment: rand_augment_spec.RandAugmentSpec | None
+                     = None, random_erasing: float = 0.0,
+                     random_erasing_mode: str = 'pixel',
+                     mean_rgb: Sequence[float] = (),
+                     std_rgb: Sequence[float] = ()) -> dict:
+  """Random-resized crop of the bytes, flip, resize, [augment]; jitter draw.
 
   The resize is not antialiased, as the reference's (OpenCV bilinear) and
   the Flax example's; flipping the crop before resizing it is the same as
-  flipping after, and cheaper. The colour jitter itself and the
+  flipping after, and cheaper. RandAugment and random erasing (both off by
+  default) change the uint8 image; the colour jitter itself and the
   normalisation run on the devices (``image_ops.normalize``).
 
   Args:
@@ -153,6 +167,11 @@ def preprocess_train(image_bytes, seed, *, size: int,
     interpolation: one of ``AA_KERNELS``.
     random_flip: flip left-right with probability 0.5.
     color_jitter: the strength of the jitter factors (0: none).
+    rand_augment: the RandAugment policy (None: off).
+    random_erasing: the probability of erasing a rectangle (0: off).
+    random_erasing_mode: one of ``random_erasing.MODES``.
+    mean_rgb, std_rgb: the normalisation's, in [0, 1] units: RandAugment's
+      fill colour and the colours of erased pixels.
 
   Returns:
     'image': uint8 [size, size, 3]; with ``color_jitter``,
@@ -166,7 +185,17 @@ def preprocess_train(image_bytes, seed, *, size: int,
     image = tf.image.stateless_random_flip_left_right(image, flip_seed)
   image = tf.image.resize(tf.cast(image, tf.float32), [size, size],
                           method=interpolation)
-  outputs = {'image': _to_uint8(image)}
+  image = _to_uint8(image)
+  if rand_augment:
+    image = rand_augment_lib.rand_augment(
+        image, tf.random.experimental.stateless_fold_in(
+            seed, RAND_AUGMENT_STREAM), rand_augment, mean_rgb)
+  if random_erasing:
+    image = random_erasing_lib.random_erasing(
+        image, tf.random.experimental.stateless_fold_in(
+            seed, RANDOM_ERASING_STREAM), probability=random_erasing,
+        mode=random_erasing_mode, mean_rgb=mean_rgb, std_rgb=std_rgb)
+  outputs = {'image': image}
   if color_jitter:
     outputs['color_jitter'] = _jitter_factors(jitter_seed, color_jitter)
   return outputs
@@ -179,7 +208,12 @@ def train_preprocessing(config: ml_collections.ConfigDict) -> Callable:
       crop_area_range=tuple(config.crop_area_range),
       aspect_ratio_range=tuple(config.aspect_ratio_range),
       interpolation=config.interpolation, random_flip=config.random_flip,
-      color_jitter=config.color_jitter)
+      color_jitter=config.color_jitter,
+      rand_augment=(rand_augment_spec.parse(config.rand_augment)
+                    if config.rand_augment else None),
+      random_erasing=config.random_erasing,
+      random_erasing_mode=config.random_erasing_mode,
+      mean_rgb=tuple(config.mean_rgb), std_rgb=tuple(config.std_rgb))
 
 
 def eval_resize_size(size: int, crop_pct: float) -> int:

@@ -63,11 +63,17 @@ def _train_batches(config, start_step, count, process_index=0,
   return list(itertools.islice(iterator, count))
 
 
-@pytest.mark.parametrize('process_index,process_count', [(0, 1), (1, 2)])
+AUGMENTED = {'rand_augment': 'rand-m9-mstd0.5-inc1', 'random_erasing': 0.5}
+
+
+@pytest.mark.parametrize('process_index,process_count,augmentations', [
+    (0, 1, {}), (1, 2, {}), (1, 2, AUGMENTED)])
 def test_resumed_train_stream_is_bitwise_identical(digits_data_dir,
                                                    process_index,
-                                                   process_count):
+                                                   process_count,
+                                                   augmentations):
   config = _config(digits_data_dir)
+  config.update(augmentations)
   builder = registry.get_builder(config)
   steps_per_epoch = input_pipeline.train_steps_per_epoch(builder, config, 32,
                                                          process_count)
@@ -79,6 +85,13 @@ def test_resumed_train_stream_is_bitwise_identical(digits_data_dir,
     np.testing.assert_array_equal(a['label'], b['label'])
   # Epochs are shuffled differently.
   assert not np.array_equal(full[0]['label'], full[steps_per_epoch]['label'])
+  if augmentations:  # The same examples, augmented.
+    plain = _train_batches(_config(digits_data_dir), resume, 1, process_index,
+                           process_count)[0]
+    np.testing.assert_array_equal(plain['label'], resumed[0]['label'])
+    changed = [not np.array_equal(a, b)
+               for a, b in zip(plain['image'], resumed[0]['image'])]
+    assert 0.7 < np.mean(changed) < 1
 
 
 def test_seeds_give_different_streams(digits_data_dir):
@@ -127,6 +140,64 @@ def test_preprocess_train_is_seeded_uint8_with_jitter_factors():
   config.color_jitter = 0.0
   assert set(input_pipeline.train_preprocessing(config)(image, seed)) == {
       'image'}
+
+
+def _unchanged_preprocess_train(image_bytes, seed, config):
+  """``preprocess_train`` as it was before RandAugment and random erasing
+  (commit 42f5329), from its parts."""
+  # pylint: disable=protected-access
+  crop_seed, flip_seed, jitter_seed = tf.unstack(
+      tf.random.experimental.stateless_split(seed, 3))
+  image = input_pipeline._decode_random_crop(
+      image_bytes, crop_seed, config.crop_area_range,
+      config.aspect_ratio_range)
+  image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+  image = tf.image.resize(tf.cast(image, tf.float32), [config.train_size] * 2,
+                          method=config.interpolation)
+  return {'image': input_pipeline._to_uint8(image),
+          'color_jitter': input_pipeline._jitter_factors(jitter_seed,
+                                                         config.color_jitter)}
+
+
+def _encoded_images():
+  """A JPEG and a PNG of random pixels."""
+  rng = np.random.default_rng(5)
+  return [tf.io.encode_jpeg(rng.integers(0, 256, (75, 100, 3), np.uint8)),
+          tf.io.encode_png(rng.integers(0, 256, (50, 40, 3), np.uint8))]
+
+
+def test_preprocess_train_without_augmentations_is_unchanged_bitwise():
+  config = config_defaults.get_config()
+  config.train_size = 32
+  augment = input_pipeline.train_preprocessing(config)
+  for image in _encoded_images():
+    for i in range(8):
+      seed = tf.constant([i, 11 * i + 2], tf.int64)
+      out, expected = augment(image, seed), _unchanged_preprocess_train(
+          image, seed, config)
+      assert set(out) == set(expected)
+      for key in out:
+        np.testing.assert_array_equal(out[key], expected[key])
+
+
+def test_augmentations_keep_the_crop_flip_and_jitter_draws():
+  config = config_defaults.get_config()
+  config.train_size = 32
+  plain = input_pipeline.train_preprocessing(config)
+  config.rand_augment = 'rand-m9-p0'  # Draws, but applies nothing.
+  config.random_erasing = 1.0
+  augmented = input_pipeline.train_preprocessing(config)
+  for image in _encoded_images():
+    for i in range(4):
+      seed = tf.constant([i, 5], tf.int64)
+      a, b = plain(image, seed), augmented(image, seed)
+      np.testing.assert_array_equal(a['color_jitter'], b['color_jitter'])
+      # The same crop, but for one erased rectangle.
+      changed = (a['image'] != b['image']).numpy().any(-1)
+      assert 0.01 < changed.mean() < 0.4
+      rows, columns = np.nonzero(changed)
+      box = changed[rows.min():rows.max() + 1, columns.min():columns.max() + 1]
+      assert box.mean() > 0.9  # Noise may hit a pixel's own colour.
 
 
 def test_random_crop_window_follows_torchvision():
