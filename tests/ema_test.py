@@ -7,6 +7,7 @@ import pytest
 
 from darknet53_jax import checkpoints
 from darknet53_jax import ema
+from darknet53_jax import predict
 from darknet53_jax import sharding
 from darknet53_jax import train_loop
 from tests import conftest
@@ -103,3 +104,7 @@ def test_training_evaluates_and_keeps_the_average(digits_data_dir, tmp_path,
   conftest.assert_trees_equal(
       best, checkpoints.load_variables(workdir, ema=True))
   assert averaged != live
+  # predict and export read the average with ema=True.
+  conftest.assert_trees_equal(
+      predict.load_inference_model(workdir, ema=True)[2],
+      checkpoints.load_variables(workdir, ema=True))

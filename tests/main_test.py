@@ -24,7 +24,13 @@ def _params(workdir):
 
 
 def test_resume_gives_the_same_parameters(digits_data_dir, tmp_path):
+  # With every training option on (reliability_test resumes the defaults).
   config = conftest.tiny_config(digits_data_dir)
+  config.update(
+      optimizer='adamw', learning_rate=0.005, weight_decay=0.05,
+      lr_schedule='poly', ema_decay=0.9, ema_warmup=True,
+      rand_augment='rand-m9-mstd0.5-inc1', random_erasing=0.25,
+      mixup_alpha=0.2, cutmix_alpha=1.0, accumulation_steps=2)
   straight = train_loop.train_and_evaluate(config, str(tmp_path / 'straight'))
   steps_per_epoch = 1437 // config.batch_size
   train_loop.train_and_evaluate(config, str(tmp_path / 'resumed'),
@@ -34,8 +40,10 @@ def test_resume_gives_the_same_parameters(digits_data_dir, tmp_path):
   resumed = train_loop.train_and_evaluate(config, str(tmp_path / 'resumed'))
   assert resumed == straight
   assert straight['num_examples'] == 360
-  conftest.assert_trees_equal(_params(tmp_path / 'resumed'),
-                              _params(tmp_path / 'straight'))
+  for ema in (False, True):
+    conftest.assert_trees_equal(
+        checkpoints.load_variables(str(tmp_path / 'resumed'), ema),
+        checkpoints.load_variables(str(tmp_path / 'straight'), ema))
 
 
 def _tiny_flags(data_dir):
