@@ -108,3 +108,17 @@ def test_training_evaluates_and_keeps_the_average(digits_data_dir, tmp_path,
   conftest.assert_trees_equal(
       predict.load_inference_model(workdir, ema=True)[2],
       checkpoints.load_variables(workdir, ema=True))
+
+
+def test_resuming_a_run_without_an_average_with_one_is_refused(tmp_path):
+  config = _ema_config()
+  config.ema_decay = 0.0
+  _, run = conftest.train_setup(config, jax.devices()[:1])
+  manager = checkpoints.CheckpointManager(str(tmp_path))
+  manager.save(1, run.state, config)
+  manager.close()
+  _, run = conftest.train_setup(_ema_config(), jax.devices()[:1])
+  with pytest.raises(checkpoints.CheckpointError,
+                     match='can be restored into this run .*config.ema_decay'):
+    checkpoints.CheckpointManager(str(tmp_path)).restore_latest_good(
+        run.state)
