@@ -13,8 +13,8 @@ option, and says where it departs:
 - LAMB, lr 5e-3 at global batch 2048 (unscaled), weight decay 0.02 on
   kernels, 5 warm-up epochs then cosine to 0, 300 epochs: RSB A2.
 - RandAugment rand-m7-mstd0.5-inc1 and no random erasing: RSB A1/A2.
-- Mixup 0.2 and CutMix 1.0, switching with probability 0.5, on every batch:
-  RSB A1's mixup (A2 uses 0.1; timm's card says "stronger mixup").
+- Mixup 0.2 and CutMix 1.0, switching with probability 0.5, on every batch
+  (the defaults of mix_switch_prob and mix_prob): RSB A1's mixup (A2 uses 0.1; timm's card says "stronger mixup").
 - Label smoothing 0.1 with softmax cross-entropy, where RSB trains with a
   binary cross-entropy that this codebase does not have.
 - No colour jitter (RSB uses RandAugment instead), flips and Inception
@@ -49,8 +49,6 @@ def get_config():
   config.rand_augment = 'rand-m7-mstd0.5-inc1'
   config.mixup_alpha = 0.2
   config.cutmix_alpha = 1.0
-  config.mix_prob = 1.0
-  config.mix_switch_prob = 0.5
   config.ema_decay = 0.9998
   config.ema_warmup = True
   config.eval_size = 288
