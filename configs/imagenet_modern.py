@@ -14,7 +14,8 @@ option, and says where it departs:
   kernels, 5 warm-up epochs then cosine to 0, 300 epochs: RSB A2.
 - RandAugment rand-m7-mstd0.5-inc1 and no random erasing: RSB A1/A2.
 - Mixup 0.2 and CutMix 1.0, switching with probability 0.5, on every batch
-  (the defaults of mix_switch_prob and mix_prob): RSB A1's mixup (A2 uses 0.1; timm's card says "stronger mixup").
+  (mix_switch_prob's and mix_prob's defaults): RSB A1's mixup (A2 uses
+  0.1; timm's card says "stronger mixup").
 - Label smoothing 0.1 with softmax cross-entropy, where RSB trains with a
   binary cross-entropy that this codebase does not have.
 - No colour jitter (RSB uses RandAugment instead), flips and Inception
