@@ -16,12 +16,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(REPO, 'configs', 'quickstart.py')
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-# Quick compiles: XLA:CPU's LLVM optimisations take most of the compile time
-# of these tiny models and change no result beyond float32 rounding; the
-# tests check what the programs compute, not their speed. Subprocesses
-# inherit the flags (``subprocess_env``).
+# Quick compiles: XLA:CPU's LLVM optimisations and its fusion emitters take
+# most of the compile time of these tiny models and change no result beyond
+# float32 rounding; the tests check what the programs compute, not their
+# speed. Subprocesses inherit the flags (``subprocess_env``).
 QUICK_COMPILE_FLAGS = ('--xla_backend_optimization_level=0 '
-                       '--xla_llvm_disable_expensive_passes=true')
+                       '--xla_llvm_disable_expensive_passes=true '
+                       '--xla_cpu_use_fusion_emitters=false')
 os.environ['XLA_FLAGS'] = ' '.join(filter(None, (
     os.environ.get('XLA_FLAGS'), QUICK_COMPILE_FLAGS)))
 # Many tests compile the same tiny model: one compilation cache per test run,
