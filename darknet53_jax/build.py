@@ -66,18 +66,6 @@ def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict,
   return state
 
 
-def _replicated_train_state(init: Callable, mesh: Mesh,
-                            rng: jax.Array) -> steps.TrainState:
-  """``init(rng)``, jitted and replicated over the mesh."""
-  # It runs once: on CPUs, XLA's lowest optimisation level compiles it
-  # several times faster and moves its random values by at most one float32
-  # ulp (docs/performance.md).
-  on_cpu = mesh.devices.flat[0].platform == 'cpu'
-  options = {'xla_backend_optimization_level': 0} if on_cpu else None
-  return jax.jit(init, out_shardings=sharding.replicated(mesh)).lower(
-      rng).compile(options)(rng)
-
-
 @dataclasses.dataclass(frozen=True)
 class Training:
   """What a training run needs besides its data.
@@ -97,9 +85,64 @@ class Training:
   eval_step: Callable
 
 
+class _Programs:
+  """The parts of a run that depend only on its config, mesh and epoch
+  length: built once per process (``training`` keeps them), then reused."""
+
+  def __init__(self, config: ml_collections.FrozenConfigDict, mesh: Mesh,
+               steps_per_epoch: int):
+    config = ml_collections.ConfigDict(config)
+    self.model = create_model(config)
+    self.schedule = optim.create_learning_rate_schedule(config,
+                                                        steps_per_epoch)
+    self.train_step = steps.make_train_step(mesh, config, self.schedule)
+    self.eval_step = steps.make_eval_step(mesh, config)
+    self._init = functools.partial(
+        create_train_state, config=config, model=self.model,
+        tx=optim.create_optimizer(config, self.schedule))
+    self._mesh = mesh
+    self._rng = jax.random.key(config.seed)
+
+  @functools.cached_property
+  def _compiled_init(self):
+    """``init``, jitted to a state replicated over the mesh."""
+    # It runs once per run: on CPUs, XLA's lowest optimisation level
+    # compiles it several times faster and moves its random values by at
+    # most one float32 ulp (docs/performance.md).
+    on_cpu = self._mesh.devices.flat[0].platform == 'cpu'
+    options = {'xla_backend_optimization_level': 0} if on_cpu else None
+    return jax.jit(self._init,
+                   out_shardings=sharding.replicated(self._mesh)).lower(
+                       self._rng).compile(options)
+
+  def initial_state(self) -> steps.TrainState:
+    """A fresh initial state (the train step donates its input)."""
+    return self._compiled_init(self._rng)
+
+  @functools.cached_property
+  def abstract_state(self) -> steps.TrainState:
+    """The initial state's shapes, dtypes and shardings."""
+    replicated = sharding.replicated(self._mesh)
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+        jax.eval_shape(self._init, self._rng))
+
+
+# A few configs' worth: a notebook or a test session that reruns a config
+# skips tracing, lowering and loading its programs again.
+@functools.lru_cache(maxsize=8)
+def _programs(config: ml_collections.FrozenConfigDict, mesh: Mesh,
+              steps_per_epoch: int) -> _Programs:
+  return _Programs(config, mesh, steps_per_epoch)
+
+
 def training(config: ml_collections.ConfigDict, mesh: Mesh,
              steps_per_epoch: int, *, abstract: bool = False) -> Training:
   """Builds the run that ``config`` describes on ``mesh``.
+
+  A later call with an equal config, mesh and ``steps_per_epoch`` in the
+  same process reuses the first call's jitted steps and compiled
+  initialisation; only the initial state is computed afresh.
 
   Args:
     config: a validated config with ``num_classes`` resolved.
@@ -108,18 +151,9 @@ def training(config: ml_collections.ConfigDict, mesh: Mesh,
     abstract: describe the initial state without computing it (to lower
       the steps, or as the template of a checkpoint).
   """
-  model = create_model(config)
-  schedule = optim.create_learning_rate_schedule(config, steps_per_epoch)
-  init = functools.partial(create_train_state, config=config, model=model,
-                           tx=optim.create_optimizer(config, schedule))
-  rng = jax.random.key(config.seed)
-  if abstract:
-    replicated = sharding.replicated(mesh)
-    state = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-        jax.eval_shape(init, rng))
-  else:
-    state = _replicated_train_state(init, mesh, rng)
-  return Training(model=model, schedule=schedule, state=state,
-                  train_step=steps.make_train_step(mesh, config, schedule),
-                  eval_step=steps.make_eval_step(mesh, config))
+  programs = _programs(ml_collections.FrozenConfigDict(config), mesh,
+                       steps_per_epoch)
+  state = programs.abstract_state if abstract else programs.initial_state()
+  return Training(model=programs.model, schedule=programs.schedule,
+                  state=state, train_step=programs.train_step,
+                  eval_step=programs.eval_step)

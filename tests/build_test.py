@@ -1,9 +1,11 @@
 """Tests for darknet53_jax.build."""
 
+import jax
 import ml_collections
 
 from darknet53_jax import build
 from darknet53_jax import config_defaults
+from darknet53_jax import sharding
 from tests import conftest
 
 
@@ -23,3 +25,25 @@ def test_a_checkpoint_config_without_newer_model_fields_builds_its_model(
       defaults.kernel_init, defaults.head_init,
       defaults.bn_unbiased_variance)
   assert model == build.create_model(config)
+
+
+
+def _tiny_run(**overrides):
+  config = conftest.tiny_config()
+  config.update(num_classes=10, **overrides)
+  return conftest.train_setup(config, jax.devices()[:1])
+
+
+def test_an_equal_config_reuses_the_steps_with_a_fresh_state():
+  mesh, first = _tiny_run()
+  initial = jax.device_get(first.state.params)
+  batch = sharding.global_batch(
+      mesh, conftest.random_batches(conftest.tiny_config(), 1)[0])
+  first.train_step(first.state, batch)  # Donates first.state.
+  _, again = _tiny_run()  # An equal config, made anew.
+  assert again.train_step is first.train_step
+  assert again.eval_step is first.eval_step
+  conftest.assert_trees_equal(jax.device_get(again.state.params), initial)
+  again.train_step(again.state, batch)
+  _, changed = _tiny_run(learning_rate=0.2)
+  assert changed.train_step is not first.train_step
