@@ -20,11 +20,11 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from darknet53_jax import config_lib
 from darknet53_jax import distributed
 from darknet53_jax import errors
 from darknet53_jax import preemption
 from darknet53_jax import runtime
-from darknet53_jax import train_loop
 # pylint: enable=g-import-not-at-top,wrong-import-position,g-bad-import-order
 
 FLAGS = flags.FLAGS
@@ -85,6 +85,10 @@ def main(argv):
                jax.local_device_count(), jax.device_count(),
                jax.default_backend())
   try:
+    # Mistakes in the config are reported before the seconds of importing
+    # TensorFlow (the input pipeline) and orbax.
+    config_lib.validate(config, jax.device_count(), jax.process_count())
+    from darknet53_jax import train_loop  # pylint: disable=g-import-not-at-top
     if FLAGS.eval_only:
       train_loop.evaluate_checkpoint(config, FLAGS.workdir,
                                      FLAGS.checkpoint, FLAGS.ema)
@@ -108,7 +112,7 @@ def define_flags() -> None:
   flags.DEFINE_string('checkpoint', None,
                       'Checkpoint to evaluate with --eval_only (a workdir, '
                       'its checkpoints/ folder or a step folder), or '
-                      f'{train_loop.BEST!r}: the --workdir\'s best one.')
+                      "'best': the --workdir's best one.")
   flags.DEFINE_bool('ema', False,
                     'With --eval_only: evaluate the EMA of the weights (a '
                     'run with config.ema_decay > 0), as eval_ema/*.')
