@@ -220,9 +220,11 @@ def test_forward_mode_autodiff_through_the_accelerator_model():
   cotangent = jnp.asarray(rng.normal(size=(2, 3)), jnp.float32)
   variables = conftest.random_variables(model, 32)
   apply = lambda x: model.apply(variables, x)
-  logits, derivative = jax.jvp(apply, (images,), (tangent,))
+  logits, derivative = jax.jit(lambda x, t: jax.jvp(apply, (x,), (t,)))(
+      images, tangent)
   # Forward and reverse mode agree: <w, J t> = <J^T w, t>.
-  input_gradient, = jax.vjp(apply, images)[1](cotangent)
+  input_gradient, = jax.jit(lambda x, w: jax.vjp(apply, x)[1](w))(
+      images, cotangent)
   assert logits.shape == derivative.shape == (2, 3)
   np.testing.assert_allclose(jnp.vdot(cotangent, derivative),
                              jnp.vdot(input_gradient, tangent), rtol=1e-4)

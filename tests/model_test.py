@@ -1,5 +1,7 @@
 """Tests for darknet53_jax.model."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -37,6 +39,16 @@ def test_yolo_feature_maps_at_416():
       (2, 52, 52, 256), (2, 26, 26, 512), (2, 13, 13, 1024)]
 
 
+def _init(model, images):
+  """``model.init``, jitted: one compile, not one per operation."""
+  return jax.jit(model.init)(jax.random.key(0), images)
+
+
+def _apply(model, variables, images, **kwargs):
+  """``model.apply(variables, images, **kwargs)``, jitted."""
+  return jax.jit(functools.partial(model.apply, **kwargs))(variables, images)
+
+
 def _tiny(**kwargs):
   return model_lib.Darknet53(num_classes=7, width_multiplier=0.125,
                              stage_depths=(1, 1, 1, 1, 1), **kwargs)
@@ -45,9 +57,9 @@ def _tiny(**kwargs):
 def test_logits_shape_and_dtype_for_any_multiple_of_32():
   model = _tiny(dtype=jnp.bfloat16)
   images = jnp.ones((2, 64, 96, 3))
-  variables = model.init(jax.random.key(0), images)
+  variables = _init(model, images)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
-  logits = model.apply(variables, images)
+  logits = _apply(model, variables, images)
   assert logits.shape == (2, 7) and logits.dtype == jnp.float32
 
 
@@ -68,9 +80,9 @@ def test_stride_two_convs_pad_symmetrically():
 
 def test_activation_choices_change_the_function():
   images = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
-  variables = _tiny().init(jax.random.key(0), images)
-  outputs = [np.asarray(_tiny(activation=a, negative_slope=s).apply(
-      variables, images)) for a, s in
+  variables = _init(_tiny(), images)
+  outputs = [np.asarray(_apply(_tiny(activation=a, negative_slope=s),
+                               variables, images)) for a, s in
              [('leaky_relu', 0.1), ('leaky_relu', 0.01), ('relu', 0.0)]]
   assert not np.allclose(outputs[0], outputs[1])
   assert not np.allclose(outputs[1], outputs[2])
@@ -85,9 +97,9 @@ def test_unknown_choices_are_rejected(field):
 def test_train_mode_updates_batch_stats():
   model = _tiny()
   images = jax.random.normal(jax.random.key(3), (4, 32, 32, 3)) + 2.0
-  variables = model.init(jax.random.key(0), images)
-  _, updates = model.apply(variables, images, train=True,
-                           mutable=['batch_stats'])
+  variables = _init(model, images)
+  _, updates = _apply(model, variables, images, train=True,
+                      mutable=['batch_stats'])
   before = variables['batch_stats']['stem']['bn']['mean']
   after = updates['batch_stats']['stem']['bn']['mean']
   assert not np.allclose(before, after)
@@ -96,9 +108,9 @@ def test_train_mode_updates_batch_stats():
 def _batch_statistics(model, variables, images, layer):
   """A layer's BatchNorm input: its mean and biased variance over N, H, W,
   and the count of values per channel."""
-  _, state = model.apply(variables, images, train=True,
-                         capture_intermediates=True,
-                         mutable=['batch_stats', 'intermediates'])
+  _, state = _apply(model, variables, images, train=True,
+                    capture_intermediates=True,
+                    mutable=['batch_stats', 'intermediates'])
   x = np.asarray(state['intermediates'][layer]['conv']['__call__'][0],
                  np.float64)
   return x.mean((0, 1, 2)), x.var((0, 1, 2)), x.size // x.shape[-1]
@@ -111,8 +123,8 @@ def test_running_statistics_follow_momentum_and_variance_choice(momentum,
   model = _tiny(bn_momentum=momentum, bn_unbiased_variance=unbiased)
   variables = conftest.random_variables(model, 32)
   images = jax.random.normal(jax.random.key(4), (4, 32, 32, 3)) + 1.0
-  _, updates = model.apply(variables, images, train=True,
-                           mutable=['batch_stats'])
+  _, updates = _apply(model, variables, images, train=True,
+                      mutable=['batch_stats'])
   # 1x1 maps: n is the batch, 4, so n / (n - 1) is far from 1.
   layer = 'stage4_down'
   mean, var, n = _batch_statistics(model, variables, images, layer)

@@ -1,7 +1,7 @@
 """Tests for darknet53_jax.steps and .precision: sharded steps, loss
 scaling, exact eval, gradient accumulation and mixing in the step.
 
-The multi-device checks run this file as a module in subprocesses with
+The multi-device checks run this file as a module in a subprocess with 8
 forced CPU devices (XLA reads the device count once, at start-up).
 """
 
@@ -78,7 +78,8 @@ def _mixed_loss(config, variables, batch, device, micro_batch):
 
 
 def accumulation_and_mixing_checks() -> dict:
-  """Runs with 4 devices; returns the numbers the tests assert on."""
+  """Runs with at least 4 devices; returns the numbers the tests assert
+  on."""
   config = conftest.tiny_config()
   config.batch_size = 16
   # 2x2 final maps: BatchNorm normalises 16 values per channel in each
@@ -93,7 +94,6 @@ def accumulation_and_mixing_checks() -> dict:
   config.accumulation_steps = 4
   accumulated, accumulated_losses, _ = _train(config, devices[:1], batches)
   results = {
-      'devices': len(devices),
       'accumulated_vs_four_devices': conftest.max_relative_difference(
           accumulated, on_four),
       'losses': [accumulated_losses, four_losses]}
@@ -120,25 +120,32 @@ def accumulation_and_mixing_checks() -> dict:
   return results
 
 
-def _run_checks(name: str, devices: int, *args: str) -> dict:
-  """The dict that ``name``'s checks print, run in a subprocess with
-  ``devices`` forced CPU devices."""
+def all_multidevice_checks(data_dir: str) -> dict:
+  """Both checks' numbers, by name."""
+  return {'multidevice': multidevice_checks(data_dir),
+          'accumulation_and_mixing': accumulation_and_mixing_checks()}
+
+
+@pytest.fixture(scope='module')
+def multidevice_results(digits_data_dir):
+  """``all_multidevice_checks``, run in one subprocess with 8 forced CPU
+  devices."""
   result = subprocess.run(
-      [sys.executable, '-m', 'tests.train_test', name, *args],
-      env=conftest.subprocess_env(devices=devices), cwd=conftest.REPO,
+      [sys.executable, '-m', 'tests.train_test', digits_data_dir],
+      env=conftest.subprocess_env(devices=8), cwd=conftest.REPO,
       capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope='module')
-def eight_device_results(digits_data_dir):
-  return _run_checks('multidevice', 8, digits_data_dir)
+def eight_device_results(multidevice_results):
+  return multidevice_results['multidevice']
 
 
 @pytest.fixture(scope='module')
-def accumulation_and_mixing_results():
-  return _run_checks('accumulation_and_mixing', 4)
+def accumulation_and_mixing_results(multidevice_results):
+  return multidevice_results['accumulation_and_mixing']
 
 
 def test_eight_devices_match_one_device(eight_device_results):
@@ -351,7 +358,6 @@ def test_accumulated_float16_steps_scale_and_skip_as_one_step():
 def test_accumulating_on_one_device_equals_unsynced_batch_norm_on_four(
     accumulation_and_mixing_results):
   results = accumulation_and_mixing_results
-  assert results['devices'] == 4
   # Params and BatchNorm statistics after 2 steps; only the order of
   # float32 sums differs. Measured 2.7e-6 here (AMD EPYC).
   assert results['accumulated_vs_four_devices'] < 1e-5
@@ -368,8 +374,5 @@ def test_each_device_and_micro_batch_mixes_by_its_own_draw(
   assert mixed['loss'] != pytest.approx(mixed['one_draw'], rel=1e-3)
 
 
-CHECKS = {'multidevice': multidevice_checks,
-          'accumulation_and_mixing': accumulation_and_mixing_checks}
-
 if __name__ == '__main__':
-  print(json.dumps(CHECKS[sys.argv[1]](*sys.argv[2:])))
+  print(json.dumps(all_multidevice_checks(sys.argv[1])))
