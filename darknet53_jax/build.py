@@ -61,6 +61,9 @@ def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict,
       batch_stats=variables['batch_stats'], tx=tx,
       dynamic_scale=precision.create_loss_scale(config),
       ema_decay=config.ema_decay, ema_warmup=config.ema_warmup)
+  # A strongly typed step, as a checkpoint restores it: a resumed run then
+  # traces, and finds in the compilation cache, a fresh run's train step.
+  state = state.replace(step=jnp.zeros((), jnp.int32))
   if config.ema_decay:
     state = state.replace(ema=jax.tree.map(jnp.copy, dict(variables)))
   return state

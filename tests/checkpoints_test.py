@@ -39,6 +39,19 @@ def test_restore_round_trips_every_field(saved):
                               jax.device_get(state))
 
 
+def test_restored_state_has_the_types_of_a_fresh_one(saved):
+  """Dtypes, weak types and shardings: a resumed run then reuses a fresh
+  run's compiled train step."""
+  workdir, config, _ = saved
+  fresh = _state(config)
+  manager = checkpoints.CheckpointManager(workdir / 'checkpoints')
+  restored = manager.restore(fresh)
+  manager.close()
+  signature = lambda state: [(x.dtype, x.weak_type, x.sharding)
+                             for x in jax.tree.leaves(state)]
+  assert signature(restored) == signature(fresh)
+
+
 def test_restore_into_another_shape_is_a_clear_error(saved):
   workdir, config, _ = saved
   manager = checkpoints.CheckpointManager(workdir / 'checkpoints')

@@ -63,18 +63,22 @@ def _train(config, devices, batches):
                          'batch_stats': state.batch_stats}), losses, initial
 
 
-def _mixed_loss(config, variables, batch, device, micro_batch):
-  """The loss that ``config``'s mixing gives a frozen-backbone model on
-  ``batch`` with the draw of (step 0, ``device``, ``micro_batch``)."""
+def _mixed_loss_function(config):
+  """A jitted (variables, batch, key) -> (loss, lam): the loss that
+  ``config``'s mixing by the draw of ``key`` gives a frozen-backbone model
+  on ``batch``."""
   model = build.create_model(config)
-  images = steps.image_normalizer(config)(batch['image'])
-  images, lam = mixing.mix(
-      mixing.draw_key(config.seed, 0, device, micro_batch), images,
-      mixing.from_config(config))
-  logits = jax.jit(model.apply)(variables, images)
-  targets = mixing.mix_targets(optim.smoothed_one_hot(
-      batch['label'], logits.shape[-1], config.label_smoothing), lam)
-  return float(optax.softmax_cross_entropy(logits, targets).mean()), float(lam)
+  normalize = steps.image_normalizer(config)
+  mix = mixing.from_config(config)
+
+  def mixed_loss(variables, batch, key):
+    images, lam = mixing.mix(key, normalize(batch['image']), mix)
+    logits = model.apply(variables, images)
+    targets = mixing.mix_targets(optim.smoothed_one_hot(
+        batch['label'], logits.shape[-1], config.label_smoothing), lam)
+    return optax.softmax_cross_entropy(logits, targets).mean(), lam
+
+  return jax.jit(mixed_loss)
 
 
 def accumulation_and_mixing_checks() -> dict:
@@ -109,12 +113,15 @@ def accumulation_and_mixing_checks() -> dict:
     size = config.batch_size // (2 * count)  # In device, then micro order.
     slices = [jax.tree.map(lambda x, i=i: x[i * size:(i + 1) * size], batch)
               for i in range(2 * count)]
-    draws = [_mixed_loss(config, variables, slices[i], *divmod(i, count))
+    mixed_loss = _mixed_loss_function(config)
+    draw = lambda i: mixing.draw_key(config.seed, 0, *divmod(i, count))
+    # Each slice by its (step 0, device, micro-batch) draw, and all by one.
+    draws = [mixed_loss(variables, slices[i], draw(i))
              for i in range(2 * count)]
-    same_draw = [_mixed_loss(config, variables, slices[i], 0, 0)[0]
+    same_draw = [mixed_loss(variables, slices[i], draw(0))[0]
                  for i in range(2 * count)]
     results[f'mixed_{count}'] = {
-        'loss': loss, 'lams': [lam for _, lam in draws],
+        'loss': loss, 'lams': [float(lam) for _, lam in draws],
         'expected': float(np.mean([loss for loss, _ in draws])),
         'one_draw': float(np.mean(same_draw))}
   return results
