@@ -52,6 +52,8 @@ def create_loss_scale(
   return dynamic_scale_lib.DynamicScale(
       growth_factor=factor, backoff_factor=1 / factor,
       growth_interval=config.loss_scale_growth_interval,
+      # Strongly typed, as a checkpoint restores them.
+      fin_steps=jnp.zeros((), jnp.int32),
       scale=jnp.asarray(config.loss_scale, jnp.float32))
 
 
