@@ -131,13 +131,12 @@ def test_bad_input_stops_with_one_clear_line(digits_data_dir, tmp_path, case,
   assert 'Traceback' not in result.stderr
 
 
-def test_checkpoint_of_another_shape_is_refused(digits_data_dir, tmp_path):
-  config = conftest.tiny_config(digits_data_dir)
-  train_loop.train_and_evaluate(config, str(tmp_path), stop_at_step=1)
+def test_checkpoint_of_another_shape_is_refused(digits_data_dir,
+                                                tiny_checkpoint, tmp_path):
   result = conftest.run_main(*_tiny_flags(digits_data_dir),
                              f'--workdir={tmp_path}',
                              '--config.model.width_multiplier=0.25',
-                             '--eval_only')
+                             '--eval_only', f'--checkpoint={tiny_checkpoint}')
   assert result.returncode != 0
   assert 'does not fit this model' in result.stderr.strip().splitlines()[-1]
 
