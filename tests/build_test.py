@@ -27,7 +27,6 @@ def test_a_checkpoint_config_without_newer_model_fields_builds_its_model(
   assert model == build.create_model(config)
 
 
-
 def _tiny_run(**overrides):
   config = conftest.tiny_config()
   config.update(num_classes=10, **overrides)
