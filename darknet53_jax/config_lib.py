@@ -1,11 +1,13 @@
-"""Config files: loading one by path, checking a config once before any
-work starts (with messages that say what to change), and its flat form for
-hyperparameter logs and command lines."""
+"""Config files: loading one by path, checking a config and the workdir once
+before any work starts (with messages that say what to change), and the
+config's flat form for hyperparameter logs and command lines."""
 
 import functools
 import importlib.util
 import os
 
+from etils import epath
+import jax
 import ml_collections
 
 from darknet53_jax import errors
@@ -31,6 +33,20 @@ def load_file(path: str) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
+
+
+def check_workdir_writable(workdir: str) -> None:
+  """Creates the workdir and proves it writable, before any work starts."""
+  path = epath.Path(workdir)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f'.write_probe_{jax.process_index()}'
+    probe.write_text('ok')
+    probe.unlink()
+  except OSError as e:
+    raise ConfigError(
+        f'Cannot write to --workdir={workdir} ({e.strerror or e}): choose a '
+        'directory you can write to.') from None
 
 
 def _require(ok: bool, message: str) -> None:

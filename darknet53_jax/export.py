@@ -22,6 +22,7 @@ By default (``--batch_size=dynamic``) the export takes any batch size, as a
 served model must; ``--batch_size=N`` fixes it to N.
 """
 
+import importlib
 import json
 import os
 import sys
@@ -31,11 +32,9 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
-from jax.experimental import jax2tf
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
-import tensorflow as tf
 
 from darknet53_jax import errors
 from darknet53_jax import model as model_lib
@@ -104,6 +103,13 @@ def export_saved_model(model: model_lib.Darknet53, variables: dict,
     output_dir: the SavedModel directory.
     platforms: platforms the embedded StableHLO can run on.
   """
+  # Only this format needs TensorFlow: StableHLO exports and the CLI's
+  # --help and argument errors do without its seconds of importing.
+  importlib.import_module('darknet53_jax.datasets')  # Keeps TF off GPUs.
+  # pylint: disable=g-import-not-at-top
+  from jax.experimental import jax2tf
+  import tensorflow as tf
+  # pylint: enable=g-import-not-at-top
   converted = jax2tf.convert(
       inference_function(model),
       polymorphic_shapes=[None, None if batch_size else '(batch, ...)'],

@@ -85,9 +85,10 @@ def main(argv):
                jax.local_device_count(), jax.device_count(),
                jax.default_backend())
   try:
-    # Mistakes in the config are reported before the seconds of importing
-    # TensorFlow (the input pipeline) and orbax.
+    # Mistakes in the config or the workdir are reported before the seconds
+    # of importing TensorFlow (the input pipeline) and orbax.
     config_lib.validate(config, jax.device_count(), jax.process_count())
+    config_lib.check_workdir_writable(FLAGS.workdir)
     from darknet53_jax import train_loop  # pylint: disable=g-import-not-at-top
     if FLAGS.eval_only:
       train_loop.evaluate_checkpoint(config, FLAGS.workdir,

@@ -6,7 +6,9 @@ Images go through the checkpoint's own eval preprocessing (``eval_size``,
 ``eval_crop_pct``, ``interpolation``, ``mean_rgb``, ``std_rgb`` of its saved
 config) and the model runs in float32. A file that is missing or not an image
 gets a one-line error and the others are still classified; the exit code is
-then nonzero.
+then nonzero. TensorFlow (image decoding, ImageNet's class names) is imported
+only where needed, so ``--help``, argument errors and ``export``, which
+imports this module, do without it.
 """
 
 import sys
@@ -17,14 +19,10 @@ from absl import flags
 import jax
 import ml_collections
 import numpy as np
-import tensorflow as tf
-# tensorflow-datasets ships ImageNet's 1000 readable class names with SI-Score.
-from tensorflow_datasets.datasets.siscore import labels as imagenet_labels
 
 from darknet53_jax import build
 from darknet53_jax import checkpoints
 from darknet53_jax import errors
-from darknet53_jax import input_pipeline
 from darknet53_jax import model as model_lib
 from darknet53_jax import steps
 
@@ -73,14 +71,20 @@ def class_names(config: ml_collections.ConfigDict,
   """
   if saved is not None:
     return list(saved)
-  if (config.dataset.startswith('imagenet') and
-      config.num_classes == len(imagenet_labels.IMAGENET_LABELS_LIST)):
-    return list(imagenet_labels.IMAGENET_LABELS_LIST)
+  if config.dataset.startswith('imagenet'):
+    # tensorflow-datasets ships ImageNet's 1000 readable names with SI-Score.
+    from tensorflow_datasets.datasets.siscore import labels  # pylint: disable=g-import-not-at-top
+    if config.num_classes == len(labels.IMAGENET_LABELS_LIST):
+      return list(labels.IMAGENET_LABELS_LIST)
   return [f'class {i}' for i in range(config.num_classes)]
 
 
 def load_image(path: str, config: ml_collections.ConfigDict) -> np.ndarray:
   """One image, preprocessed for eval: uint8 [eval_size, eval_size, 3]."""
+  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
+  from darknet53_jax import input_pipeline  # Keeps TensorFlow off GPUs.
+  # pylint: enable=g-import-not-at-top
   if not tf.io.gfile.exists(path):
     raise ImageError('no such file')
   if tf.io.gfile.isdir(path):
@@ -121,7 +125,6 @@ def main(argv):
   paths = argv[1:]
   if not paths:
     raise app.UsageError('Give one or more image files.')
-  tf.config.set_visible_devices([], 'GPU')  # Keep TF off the accelerator.
   try:
     failed = predict_files(FLAGS.checkpoint, paths, FLAGS.ema)
   except errors.UserError as e:

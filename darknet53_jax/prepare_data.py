@@ -6,58 +6,26 @@ r"""Prepares a dataset once, before training (see docs/data.md).
 ``--dataset`` is any name ``config.dataset`` takes: a tensorflow-datasets
 name (downloaded by tfds unless it needs manual archives) or
 ``image_folder:/path``. Run it on one machine with access to the data_dir.
+The work is ``datasets.registry.prepare``'s; this module imports it (and
+TensorFlow) only once the flags parsed, so ``--help`` answers at once.
 """
 
 import sys
 
 from absl import app
 from absl import flags
-from absl import logging
-import tensorflow_datasets as tfds
 
 from darknet53_jax import errors
-from darknet53_jax.datasets import registry
 
 FLAGS = flags.FLAGS
-
-
-def prepare(dataset: str, data_dir: str | None,
-            manual_dir: str | None = None) -> tfds.core.DatasetBuilder:
-  """Prepares ``dataset`` in ``data_dir`` unless it already is.
-
-  Args:
-    dataset: as ``config.dataset``.
-    data_dir: as ``config.data_dir``.
-    manual_dir: the directory holding manually downloaded archives.
-
-  Returns:
-    The prepared builder.
-
-  Raises:
-    DataError: for an unknown dataset or missing manual archives.
-  """
-  builder = registry.builder_from_name(dataset, data_dir)
-  if builder.is_prepared():
-    logging.info('%s is already prepared in %s.', dataset, builder.data_dir)
-    return builder
-  missing = registry.missing_manual_files(builder, manual_dir)
-  if missing:
-    directory = manual_dir or registry.default_manual_dir(builder)
-    raise registry.DataError(
-        f'{" and ".join(missing)} not found in {directory}. '
-        + registry.preparation_instructions(builder, manual_dir))
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=manual_dir))
-  logging.info('Prepared %s in %s: %s', dataset, builder.data_dir,
-               builder.info.splits)
-  return builder
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  from darknet53_jax.datasets import registry  # pylint: disable=g-import-not-at-top
   try:
-    prepare(FLAGS.dataset, FLAGS.data_dir, FLAGS.manual_dir)
+    registry.prepare(FLAGS.dataset, FLAGS.data_dir, FLAGS.manual_dir)
   except errors.UserError as e:
     sys.exit(f'error: {e}')
 

@@ -16,7 +16,6 @@ import optax
 from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
-from etils import epath
 from jax.experimental import multihost_utils
 
 from darknet53_jax import build
@@ -127,20 +126,6 @@ def _create_writer(workdir: str) -> metric_writers.MetricWriter:
       workdir, just_logging=jax.process_index() > 0)
 
 
-def _check_writable(workdir: str) -> None:
-  """Creates the workdir and proves it writable, before any work starts."""
-  path = epath.Path(workdir)
-  try:
-    path.mkdir(parents=True, exist_ok=True)
-    probe = path / f'.write_probe_{jax.process_index()}'
-    probe.write_text('ok')
-    probe.unlink()
-  except OSError as e:
-    raise config_lib.ConfigError(
-        f'Cannot write to --workdir={workdir} ({e.strerror or e}): choose a '
-        'directory you can write to.') from None
-
-
 def _setup(config: ml_collections.ConfigDict, workdir: str):
   """Validates the config and workdir, and prepares the data.
 
@@ -149,7 +134,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: str):
     count, the train builder, the eval sets, the mesh).
   """
   config_lib.validate(config, jax.device_count(), jax.process_count())
-  _check_writable(workdir)
+  config_lib.check_workdir_writable(workdir)
   builder, eval_sets = _prepare_data(config)
   config = _resolve_num_classes(config, builder)
   return config, builder, eval_sets, sharding.create_mesh()

@@ -1,6 +1,7 @@
 """The command-line tools' shared convention: each defines its flags only
 when run (``define_flags()`` under ``__main__``), so that importing several
-of them never clashes, and ``--help`` lists them."""
+of them never clashes, ``--help`` lists them, and none imports TensorFlow
+before its flags parsed (its import takes seconds)."""
 
 import importlib
 import subprocess
@@ -41,3 +42,14 @@ def test_help_lists_the_flags(tool):
   assert 'Traceback' not in result.stderr, result.stderr[-3000:]
   for name in TOOLS[tool]:
     assert f'--{name}:' in result.stdout or f'--[no]{name}:' in result.stdout
+
+
+def test_no_tool_imports_tensorflow_before_its_flags_parsed():
+  modules = ', '.join(f'darknet53_jax.{tool}' for tool in TOOLS)
+  result = subprocess.run(
+      [sys.executable, '-c', f'import sys, {modules}; '
+       "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+       "('tensorflow', 'tensorflow_datasets', 'keras')))"],
+      cwd=conftest.REPO, env=conftest.subprocess_env(), capture_output=True,
+      text=True, timeout=120, check=True)
+  assert result.stdout.strip() == '[]'

@@ -9,7 +9,6 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from darknet53_jax.datasets import registry
-from darknet53_jax import prepare_data
 from darknet53_jax import train_loop
 from tests import conftest
 from tests import fake_imagenet
@@ -21,7 +20,7 @@ def imagenet(tmp_path_factory):
   root = tmp_path_factory.mktemp('imagenet')
   fake = fake_imagenet.write(str(root / 'manual'))
   data_dir = str(root / 'tfds')
-  prepare_data.prepare('imagenet2012', data_dir, fake.manual_dir)
+  registry.prepare('imagenet2012', data_dir, fake.manual_dir)
   return fake, data_dir
 
 
@@ -43,7 +42,7 @@ def test_prepare_names_the_missing_archive(tmp_path):
   (manual / fake_imagenet.TRAIN_TAR).write_bytes(b'')
   with pytest.raises(registry.DataError,
                      match=f'^{fake_imagenet.VAL_TAR} not found in {manual}'):
-    prepare_data.prepare('imagenet2012', str(tmp_path / 'tfds'), str(manual))
+    registry.prepare('imagenet2012', str(tmp_path / 'tfds'), str(manual))
 
 
 def test_prepare_cli_names_the_missing_archives_in_one_line(tmp_path):

@@ -5,6 +5,7 @@ how to). The tf.data streams are ``input_pipeline``'s.
 
 import os
 
+from absl import logging
 import ml_collections
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -100,6 +101,37 @@ def missing_manual_files(builder: tfds.core.DatasetBuilder,
   directory = manual_dir or default_manual_dir(builder)
   return [f for f in MANUAL_FILES.get(builder.name, ())
           if not tf.io.gfile.exists(os.path.join(directory, f))]
+
+
+def prepare(dataset: str, data_dir: str | None,
+            manual_dir: str | None = None) -> tfds.core.DatasetBuilder:
+  """Prepares ``dataset`` in ``data_dir`` unless it already is.
+
+  Args:
+    dataset: as ``config.dataset``.
+    data_dir: as ``config.data_dir``.
+    manual_dir: the directory holding manually downloaded archives.
+
+  Returns:
+    The prepared builder.
+
+  Raises:
+    DataError: for an unknown dataset or missing manual archives.
+  """
+  builder = builder_from_name(dataset, data_dir)
+  if builder.is_prepared():
+    logging.info('%s is already prepared in %s.', dataset, builder.data_dir)
+    return builder
+  missing = missing_manual_files(builder, manual_dir)
+  if missing:
+    directory = manual_dir or default_manual_dir(builder)
+    raise DataError(f'{" and ".join(missing)} not found in {directory}. '
+                    + preparation_instructions(builder, manual_dir))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=manual_dir))
+  logging.info('Prepared %s in %s: %s', dataset, builder.data_dir,
+               builder.info.splits)
+  return builder
 
 
 def ensure_prepared(builder: tfds.core.DatasetBuilder) -> None:
