@@ -17,6 +17,12 @@ train batch its slot is filled with a copy of a readable image of the same
 batch (so batch boundaries, and resume, are unchanged); in evaluation it
 becomes a blank example with mask 0, so metrics count readable images only.
 Either way it is counted and logged.
+
+Both streams run without tf.data's autotuning model (parallel maps use every
+core, prefetch buffers grow as the consumer waits): with it, destroying a
+stream often waited for its optimisation thread's sleep to end (up to a
+minute), which kept about half the quick starts from exiting for 14-40 s more
+(docs/performance.md).
 """
 
 import functools
@@ -286,6 +292,13 @@ def _map_in_batches(ds: tf.data.Dataset, fn: Callable, batch_size: int,
       process, cycle_length=2, num_parallel_calls=2, deterministic=True)
 
 
+def _prefetched(ds: tf.data.Dataset) -> tf.data.Dataset:
+  """``ds`` prefetched, its options set as the module docstring says."""
+  options = tf.data.Options()
+  options.autotune.enabled = False
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
+
+
 def _fill_train_batch(rows, slots, count):
   """A full batch: each failed slot gets a copy of a readable row, in turn."""
   readable = tf.size(slots)
@@ -404,7 +417,7 @@ def create_train_iterator(builder, config, local_batch_size: int,
   ds = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max)
   ds = ds.flat_map(epoch).skip(offset * local_batch_size)
   ds = _map_in_batches(ds, preprocess, local_batch_size, drop_remainder=True)
-  ds = ds.map(_fill_train_batch).prefetch(tf.data.AUTOTUNE)
+  ds = _prefetched(ds.map(_fill_train_batch))
   batches = Batches(ds, f'{builder.name} {config.train_split} (train)',
                     'replaced by copies of readable images of their batch',
                     start_step)
@@ -442,6 +455,6 @@ def create_eval_dataset(builder, config, split, local_batch_size: int,
   blank = tf.nest.map_structure(lambda spec: tf.zeros(spec.shape, spec.dtype),
                                 ds.element_spec)
   ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(padding))
-  return Batches(ds.prefetch(tf.data.AUTOTUNE),
+  return Batches(_prefetched(ds),
                  f'{builder.name} {split} (eval)',
                  'masked out of the metrics'), steps

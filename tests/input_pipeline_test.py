@@ -362,3 +362,24 @@ def test_eval_sets(digits_data_dir, tmp_path):
                                  'validation')}
   with pytest.raises(registry.DataError, match='has 2 classes'):
     registry.get_eval_sets(config, builder)
+
+
+def test_streams_run_without_the_autotuning_model(digits_data_dir,
+                                                  monkeypatch):
+  # Its optimisation thread made destroying a finished stream wait for up
+  # to a minute (the module docstring).
+  config = _config(digits_data_dir)
+  builder = registry.get_builder(config)
+  streams = []
+
+  class RecordingBatches(input_pipeline.Batches):
+
+    def __init__(self, ds, *args, **kwargs):
+      streams.append(ds)
+      super().__init__(ds, *args, **kwargs)
+
+  monkeypatch.setattr(input_pipeline, 'Batches', RecordingBatches)
+  next(input_pipeline.create_train_iterator(builder, config, 32, 0, 0, 1))
+  input_pipeline.create_eval_dataset(builder, config, 'test', 32, 0, 1)
+  assert len(streams) == 2
+  assert [ds.options().autotune.enabled for ds in streams] == [False, False]
