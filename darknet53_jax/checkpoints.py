@@ -183,6 +183,10 @@ class BestCheckpoint:
     self.step, self.top1 = step, metrics['top1']
     return True
 
+  def wait(self) -> None:
+    """Waits for the last save."""
+    self._manager.wait()
+
   def close(self) -> None:
     """Waits for the last save and releases the directory."""
     self._manager.wait()

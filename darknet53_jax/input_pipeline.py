@@ -21,7 +21,7 @@ Either way it is counted and logged.
 Both streams run without tf.data's autotuning model (parallel maps use every
 core, prefetch buffers grow as the consumer waits): with it, destroying a
 stream often waited for its optimisation thread's sleep to end (up to a
-minute), which kept about half the quick starts from exiting for 14-40 s more
+minute), which kept 5 of 13 quick starts from exiting for 17-40 s more
 (docs/performance.md).
 """
 

@@ -239,7 +239,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if last or epoch % config.eval_every_epochs == 0:
           eval_metrics = _evaluate_live_and_ema(
               state, eval_step, mesh, eval_sets, config, writer, done)
-          _keep_if_best(best, done, state, config, class_names, eval_metrics)
+          _keep_if_best(best, manager, done, state, config, class_names,
+                        eval_metrics)
         if last or epoch % config.checkpoint_every_epochs == 0:
           save(done, state)
       if stop.requested(done) and done < total_steps:
@@ -251,7 +252,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # Resumed from the final checkpoint: nothing trained, evaluate it.
     eval_metrics = _evaluate_live_and_ema(state, eval_step, mesh, eval_sets,
                                           config, writer, end_step)
-    _keep_if_best(best, end_step, state, config, class_names, eval_metrics)
+    _keep_if_best(best, manager, end_step, state, config, class_names,
+                  eval_metrics)
   best.close()
   if best.step is not None:
     logging.info('Best checkpoint: step %d, eval/top1 %.4f, in %s.',
@@ -264,12 +266,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   return eval_metrics
 
 
-def _keep_if_best(best: checkpoints.BestCheckpoint, step: int, state, config,
-                  class_names, metrics: dict[str, float]) -> None:
+def _keep_if_best(best: checkpoints.BestCheckpoint,
+                  manager: checkpoints.CheckpointManager, step: int, state,
+                  config, class_names, metrics: dict[str, float]) -> None:
   """Saves ``state`` as the best checkpoint if its eval/top1 is the highest
-  yet, and logs which step is the best."""
+  yet, and logs which step is the best.
+
+  The save runs alone: orbax synchronises a multi-process save through
+  barriers whose names collide when two managers save at once (a
+  two-process run failed with "Barrier ... is already ongoing").
+  """
   previous = best.step
+  manager.wait()
   if best.update(step, state, config, class_names, metrics):
+    best.wait()
     logging.info('New best eval/top1 %.4f at step %d, kept in %s.',
                  best.top1, step, best.directory)
   else:

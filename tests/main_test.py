@@ -1,6 +1,8 @@
 """End-to-end runs of training, resume and evaluation, in-process
 (``main``'s command line: main_cli_test.py)."""
 
+import shutil
+
 import jax
 import numpy as np
 import pytest
@@ -18,8 +20,10 @@ def _params(workdir):
   return checkpoints.load_variables(str(workdir))
 
 
-def test_resume_gives_the_same_parameters(digits_data_dir, tmp_path):
-  # With every training option on (reliability_test resumes the defaults).
+def test_resume_gives_the_same_parameters(digits_data_dir, tmp_path, caplog):
+  # With every training option on (reliability_test stops and resumes the
+  # defaults): a run resumed from the straight run's step-4 checkpoint, as
+  # if stopped there, ends where the straight run did.
   config = conftest.tiny_config(digits_data_dir)
   config.update(
       optimizer='adamw', learning_rate=0.005, weight_decay=0.05,
@@ -30,11 +34,14 @@ def test_resume_gives_the_same_parameters(digits_data_dir, tmp_path):
       train_split='train[:512]', eval_split='test[:100]')
   straight = train_loop.train_and_evaluate(config, str(tmp_path / 'straight'))
   steps_per_epoch = 512 // config.batch_size
-  train_loop.train_and_evaluate(config, str(tmp_path / 'resumed'),
-                                       stop_at_step=steps_per_epoch)
-  assert checkpoints.checkpoint_step(str(tmp_path / 'resumed')) == (
-      steps_per_epoch)
+  shutil.copytree(
+      checkpoints.workdir_checkpoints(str(tmp_path / 'straight')) /
+      str(steps_per_epoch),
+      checkpoints.workdir_checkpoints(str(tmp_path / 'resumed')) /
+      str(steps_per_epoch))
+  caplog.set_level('INFO')
   resumed = train_loop.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  assert f'Resumed from step {steps_per_epoch} in' in caplog.text
   assert resumed == straight
   assert straight['num_examples'] == 100
   for ema in (False, True):
