@@ -82,8 +82,9 @@ def class_names(config: ml_collections.ConfigDict,
 def load_image(path: str, config: ml_collections.ConfigDict) -> np.ndarray:
   """One image, preprocessed for eval: uint8 [eval_size, eval_size, 3]."""
   # pylint: disable=g-import-not-at-top
+  # First: importing the input pipeline keeps TensorFlow off the GPUs.
+  from darknet53_jax import input_pipeline
   import tensorflow as tf
-  from darknet53_jax import input_pipeline  # Keeps TensorFlow off GPUs.
   # pylint: enable=g-import-not-at-top
   if not tf.io.gfile.exists(path):
     raise ImageError('no such file')
