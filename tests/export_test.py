@@ -93,6 +93,22 @@ def test_cli_exports_for_any_batch_size_by_default(tiny_checkpoint,
     assert _relative_difference(got, flax_logits(images)) < 1e-5
 
 
+def test_stablehlo_export_imports_no_tensorflow(tiny_checkpoint, tmp_path):
+  # Only the SavedModel format needs TensorFlow (docs/reuse.md).
+  result = subprocess.run(
+      [sys.executable, '-c',
+       'import sys; from darknet53_jax import export; '
+       f'export.export_checkpoint({tiny_checkpoint!r}, "stablehlo", '
+       f'{str(tmp_path)!r}, 1); '
+       "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+       "('tensorflow', 'tensorflow_datasets', 'keras')))"],
+      cwd=conftest.REPO, env=conftest.subprocess_env(), capture_output=True,
+      text=True, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.strip() == '[]'
+  assert (tmp_path / export.STABLEHLO_FILE).exists()
+
+
 def test_cli_bad_input_is_one_line(tmp_path):
   result = _export_cli(f'--checkpoint={tmp_path}', '--format=stablehlo',
                        f'--output={tmp_path / "export"}')
