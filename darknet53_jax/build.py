@@ -49,13 +49,27 @@ def create_model(config: ml_collections.ConfigDict) -> model_lib.Darknet53:
       cpu_matmul_convs=m.cpu_matmul_convs)
 
 
-def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict,
+def init_variables(rng: jax.Array, model: model_lib.Darknet53) -> dict:
+  """The model's initial ``{'params', 'batch_stats'}``.
+
+  They depend on its architecture and initialisers alone, so a float32 copy
+  with XLA's convolutions and per-device BatchNorm computes them: this
+  program is then the same whatever the run's dtype, BatchNorm axis and
+  convolutions, and runs that differ only in those (or in the optimiser)
+  share its compilation through the cache.
+  """
+  model = model.clone(dtype=jnp.float32, bn_axis_name=None,
+                      cpu_matmul_convs=False)
+  return model.init(
+      rng, jnp.zeros((1, INIT_SIZE, INIT_SIZE, 3), jnp.float32), train=False)
+
+
+def create_train_state(variables: dict, config: ml_collections.ConfigDict,
                        model: model_lib.Darknet53,
                        tx: optax.GradientTransformation) -> steps.TrainState:
-  """Initialises the variables, optimiser, (for float16) the loss scale and
-  (with ``config.ema_decay``) the EMA, a copy of the variables."""
-  variables = model.init(
-      rng, jnp.zeros((1, INIT_SIZE, INIT_SIZE, 3), jnp.float32), train=False)
+  """The train state of initial ``variables``: the optimiser's, (for
+  float16) the loss scale and (with ``config.ema_decay``) the EMA, a copy of
+  the variables."""
   state = steps.TrainState.create(
       apply_fn=model.apply, params=variables['params'],
       batch_stats=variables['batch_stats'], tx=tx,
@@ -100,7 +114,9 @@ class _Programs:
                                                         steps_per_epoch)
     self.train_step = steps.make_train_step(mesh, config, self.schedule)
     self.eval_step = steps.make_eval_step(mesh, config)
-    self._init = functools.partial(
+    self._init_variables = functools.partial(init_variables,
+                                             model=self.model)
+    self._create_state = functools.partial(
         create_train_state, config=config, model=self.model,
         tx=optim.create_optimizer(config, self.schedule))
     self._mesh = mesh
@@ -108,15 +124,21 @@ class _Programs:
 
   @functools.cached_property
   def _compiled_init(self):
-    """``init``, jitted to a state replicated over the mesh."""
-    # It runs once per run: on CPUs, XLA's lowest optimisation level
-    # compiles it several times faster and moves its random values by at
+    """The initial variables, then the state around them, each jitted to
+    arrays replicated over the mesh (two programs: the first, all of init's
+    compile time, is shared by configs of one architecture)."""
+    # They run once per run: on CPUs, XLA's lowest optimisation level
+    # compiles them several times faster and moves the random values by at
     # most one float32 ulp (docs/performance.md).
     on_cpu = self._mesh.devices.flat[0].platform == 'cpu'
     options = {'xla_backend_optimization_level': 0} if on_cpu else None
-    return jax.jit(self._init,
-                   out_shardings=sharding.replicated(self._mesh)).lower(
-                       self._rng).compile(options)
+    replicated = sharding.replicated(self._mesh)
+    init_variables = jax.jit(self._init_variables, out_shardings=replicated)
+    create_state = jax.jit(self._create_state, out_shardings=replicated,
+                           donate_argnums=0)
+    variables = init_variables.lower(self._rng).compile(options)
+    state = create_state.lower(variables.out_info).compile(options)
+    return lambda rng: state(variables(rng))
 
   def initial_state(self) -> steps.TrainState:
     """A fresh initial state (the train step donates its input)."""
@@ -128,7 +150,8 @@ class _Programs:
     replicated = sharding.replicated(self._mesh)
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-        jax.eval_shape(self._init, self._rng))
+        jax.eval_shape(lambda rng: self._create_state(
+            self._init_variables(rng)), self._rng))
 
 
 # A few configs' worth: a notebook or a test session that reruns a config

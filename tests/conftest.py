@@ -49,6 +49,10 @@ from darknet53_jax import config_lib  # noqa: E402
 from darknet53_jax import sharding  # noqa: E402
 
 
+# The widths (stem, then stages) of ``tiny_config``'s model: 1/8 of Darknet-53.
+TINY_WIDTHS = (4, 8, 16, 32, 64, 128)
+
+
 def tiny_config(data_dir=None):
   """The quick start shrunk to seconds: 1-block stages, 1/8 width, 2 epochs."""
   config = config_lib.load_file(QUICKSTART)

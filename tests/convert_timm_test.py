@@ -17,7 +17,6 @@ torch = pytest.importorskip('torch')
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_DEPTHS = (1, 2, 1, 1, 2)
-TINY_WIDTHS = (4, 8, 16, 32, 64, 128)  # Stem, then stages: 1/8 width.
 TINY_CLASSES = 7
 
 
@@ -30,7 +29,8 @@ def timm():
 def tiny_timm_model(timm):
   """A timm darknet53 at 1/8 width with other stage depths and classes, in
   eval mode with random BatchNorm statistics."""
-  model = conftest.timm_darknet53(timm, TINY_DEPTHS, TINY_WIDTHS, TINY_CLASSES)
+  model = conftest.timm_darknet53(timm, TINY_DEPTHS, conftest.TINY_WIDTHS,
+                                  TINY_CLASSES)
   return conftest.randomise_batch_norm(model, seed=1).eval()
 
 
