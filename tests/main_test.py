@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from darknet53_jax import build
 from darknet53_jax import checkpoints
+from darknet53_jax import errors
 from darknet53_jax import export
 from darknet53_jax import input_pipeline
 from darknet53_jax import train_loop
@@ -51,6 +52,26 @@ def test_resume_gives_the_same_parameters(digits_data_dir, tmp_path):
     conftest.assert_trees_equal(
         checkpoints.load_variables(str(tmp_path / 'resumed'), ema),
         checkpoints.load_variables(str(tmp_path / 'straight'), ema))
+
+
+@pytest.mark.parametrize('update, eval_only, message', [
+    ({'dataset': 'no_such_dataset'}, False,
+     "Unknown dataset 'no_such_dataset'"),
+    ({'num_classes': 7}, False, 'set --config.num_classes=10 (or 0'),
+    ({}, True, 'No checkpoint at'),
+])
+def test_bad_data_and_missing_checkpoints_are_user_errors(
+    digits_data_dir, tmp_path, update, eval_only, message):
+  # main prints a UserError as its one line (main_cli_test).
+  config = conftest.tiny_config(digits_data_dir)
+  config.update(update)
+  with pytest.raises(errors.UserError) as raised:
+    if eval_only:
+      train_loop.evaluate_checkpoint(config, str(tmp_path))
+    else:
+      train_loop.train_and_evaluate(config, str(tmp_path))
+  assert message in str(raised.value)
+  assert '\n' not in str(raised.value)
 
 
 def test_eval_at_a_test_resolution(digits_data_dir, tiny_checkpoint,
