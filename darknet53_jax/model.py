@@ -77,8 +77,13 @@ class BatchNorm(nn.BatchNorm):
       mean, var = ra_mean.value, ra_var.value
     else:
       axis_name = None if self.is_initializing() else self.axis_name
+      # On one device its statistics are the synchronised ones, exactly:
+      # the all-reduces would only split XLA's fusions (compile time), so
+      # only the running statistics pass through one, which types them as
+      # the same on every device.
+      one_device = axis_name is not None and lax.axis_size(axis_name) == 1
       mean, var = normalization._compute_stats(  # pylint: disable=protected-access
-          x, reduction_axes, self.dtype, axis_name,
+          x, reduction_axes, self.dtype, None if one_device else axis_name,
           use_fast_variance=self.use_fast_variance)
       if not self.is_initializing():
         running_var = var
@@ -87,10 +92,12 @@ class BatchNorm(nn.BatchNorm):
           if axis_name is not None:
             count *= lax.axis_size(axis_name)
           running_var = var * (count / (count - 1))
-        ra_mean.value = (self.momentum * ra_mean.value +
-                         (1 - self.momentum) * mean)
-        ra_var.value = (self.momentum * ra_var.value +
-                        (1 - self.momentum) * running_var)
+        running = (self.momentum * ra_mean.value + (1 - self.momentum) * mean,
+                   self.momentum * ra_var.value +
+                   (1 - self.momentum) * running_var)
+        if one_device:
+          running = lax.pmean(running, axis_name)
+        ra_mean.value, ra_var.value = running
     return normalization._normalize(  # pylint: disable=protected-access
         self, x, mean, var, reduction_axes, (x.ndim - 1,), self.dtype,
         self.param_dtype, self.epsilon, self.use_bias, self.use_scale,
