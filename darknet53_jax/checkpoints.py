@@ -189,7 +189,7 @@ class BestCheckpoint:
 
   def close(self) -> None:
     """Waits for the last save and releases the directory."""
-    self._manager.wait()
+    self.wait()
     self._manager.close()
 
 
