@@ -1,8 +1,11 @@
 """Convolutions for ``nn.Conv`` that run faster on XLA:CPU.
 
 Values and gradients equal ``lax.conv_general_dilated``'s up to rounding
-(relative differences of about 1e-6). On other platforms they are XLA's own.
-On CPUs (measured in docs/performance.md):
+(relative differences of about 1e-6). ``conv_general_dilated`` is portable:
+behind ``lax.platform_dependent``, XLA's own on other platforms (a program
+lowered for several, as an export is); ``cpu_conv_general_dilated`` is for
+programs that run on CPUs only, and traces without the other platforms'
+branches. On CPUs (measured in docs/performance.md):
 
 - a 1x1 convolution is the matmul it is, forward and backward;
 - a float32 3x3 stride-1 convolution with at least
@@ -195,22 +198,30 @@ def _im2col_conv(x, kernel, strides, padding):
   return patches @ kernel.reshape(height * width * in_features, out_features)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv(x, kernel, strides, padding, dimension_numbers):
+def _on_cpus(portable, *args, cpu, default):
+  """``cpu(*args)``; if ``portable``, only where the program runs on CPUs and
+  ``default(*args)`` elsewhere."""
+  if not portable:
+    return cpu(*args)
+  return lax.platform_dependent(*args, cpu=cpu, default=default)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _conv(x, kernel, strides, padding, dimension_numbers, portable):
   lax_conv = functools.partial(_lax_conv, strides=strides, padding=padding,
                                dimension_numbers=dimension_numbers)
   if not _uses_winograd(x, kernel, strides, padding):
     return lax_conv(x, kernel)
-  return lax.platform_dependent(x, kernel, cpu=_winograd_conv,
-                                default=lax_conv)
+  return _on_cpus(portable, x, kernel, cpu=_winograd_conv, default=lax_conv)
 
 
-def _conv_forward(x, kernel, strides, padding, dimension_numbers):
-  y = _conv(x, kernel, strides, padding, dimension_numbers)
+def _conv_forward(x, kernel, strides, padding, dimension_numbers, portable):
+  y = _conv(x, kernel, strides, padding, dimension_numbers, portable)
   return y, (x, kernel)
 
 
-def _conv_backward(strides, padding, dimension_numbers, residuals, dy):
+def _conv_backward(strides, padding, dimension_numbers, portable, residuals,
+                   dy):
   """XLA's gradients on other platforms; on CPUs, as the module says."""
   x, kernel = residuals
   lax_conv = functools.partial(_lax_conv, strides=strides, padding=padding,
@@ -231,8 +242,8 @@ def _conv_backward(strides, padding, dimension_numbers, residuals, dy):
     return (_input_gradient(lax_conv, x, kernel, dy),
             _kernel_gradient(im2col_conv, x, kernel, dy))
 
-  return lax.platform_dependent(x, kernel, dy, cpu=cpu_gradients,
-                                default=xla_gradients)
+  return _on_cpus(portable, x, kernel, dy, cpu=cpu_gradients,
+                  default=xla_gradients)
 
 
 _conv.defvjp(_conv_forward, _conv_backward)
@@ -242,9 +253,9 @@ def _pointwise_matmul(x, kernel):
   return lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
 
 
-def conv_general_dilated(x, kernel, strides, padding, lhs_dilation,
-                         rhs_dilation, dimension_numbers, feature_group_count,
-                         precision):
+def _conv_general_dilated(x, kernel, strides, padding, lhs_dilation,
+                          rhs_dilation, dimension_numbers,
+                          feature_group_count, precision, *, portable):
   """``lax.conv_general_dilated`` for ``nn.Conv``, faster on CPUs.
 
   The same values and gradients (up to rounding); supports what ``ConvBN``
@@ -259,8 +270,13 @@ def conv_general_dilated(x, kernel, strides, padding, lhs_dilation,
   strides, padding = tuple(strides), tuple(map(tuple, padding))
   if kernel.shape[:2] == (1, 1) and strides == (1, 1) and padding == (
       (0, 0), (0, 0)):
-    return lax.platform_dependent(
-        x, kernel, cpu=_pointwise_matmul, default=functools.partial(
-            _lax_conv, strides=strides, padding=padding,
-            dimension_numbers=dimension_numbers))
-  return _conv(x, kernel, strides, padding, dimension_numbers)
+    return _on_cpus(portable, x, kernel, cpu=_pointwise_matmul,
+                    default=functools.partial(
+                        _lax_conv, strides=strides, padding=padding,
+                        dimension_numbers=dimension_numbers))
+  return _conv(x, kernel, strides, padding, dimension_numbers, portable)
+
+
+conv_general_dilated = functools.partial(_conv_general_dilated, portable=True)
+cpu_conv_general_dilated = functools.partial(_conv_general_dilated,
+                                             portable=False)

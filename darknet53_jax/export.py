@@ -54,7 +54,10 @@ class ExportError(errors.UserError, ValueError):
 
 
 def inference_function(model: model_lib.Darknet53) -> Callable:
-  """(variables, images) -> logits, in eval mode."""
+  """(variables, images) -> logits, in eval mode, with the convolutions
+  ``model`` has where it was built, portable to the other platforms."""
+  model = model.clone(
+      cpu_matmul_convs=model_lib.uses_cpu_convs(model.cpu_matmul_convs))
   return lambda variables, images: model.apply(variables, images, train=False)
 
 

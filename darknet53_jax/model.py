@@ -50,6 +50,19 @@ def uses_cpu_convs(cpu_matmul_convs: bool | None) -> bool:
   return cpu_matmul_convs
 
 
+def conv_function(cpu_matmul_convs: bool | None):
+  """The convolution ``ConvBN`` runs: XLA's, or ``conv``'s CPU ones.
+
+  ``None`` on CPUs gives the CPU ones for programs that run there only (they
+  trace in less time); ``True`` the portable ones, XLA's on other platforms
+  (an export lowers for several).
+  """
+  if not uses_cpu_convs(cpu_matmul_convs):
+    return lax.conv_general_dilated
+  return (conv_lib.cpu_conv_general_dilated if cpu_matmul_convs is None
+          else conv_lib.conv_general_dilated)
+
+
 class BatchNorm(nn.BatchNorm):
   """Flax's BatchNorm over the last axis, with a choice of running variance.
 
@@ -121,14 +134,12 @@ class ConvBN(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     pad = self.kernel_size // 2
-    conv_general_dilated = (conv_lib.conv_general_dilated
-                            if uses_cpu_convs(self.cpu_matmul_convs)
-                            else lax.conv_general_dilated)
     x = nn.Conv(
         self.features, (self.kernel_size, self.kernel_size),
         strides=self.strides, padding=((pad, pad), (pad, pad)), use_bias=False,
         dtype=self.dtype, kernel_init=KERNEL_INITS[self.kernel_init],
-        conv_general_dilated=conv_general_dilated, name='conv')(x)
+        conv_general_dilated=conv_function(self.cpu_matmul_convs),
+        name='conv')(x)
     x = BatchNorm(
         use_running_average=not train, momentum=self.bn_momentum,
         epsilon=self.bn_epsilon, dtype=self.dtype,
@@ -171,7 +182,9 @@ class Darknet53(nn.Module):
     cpu_matmul_convs: compute 1x1 convolutions as matmuls, the wider 3x3
       stride-1 ones with Winograd's algorithm and the other conv kernel
       gradients as patch matmuls (faster on CPUs; see ``conv``). ``None``
-      (the default): on when JAX runs on CPUs, off on GPUs and TPUs. They
+      (the default): on when JAX runs on CPUs, for programs that run there
+      only; off on GPUs and TPUs. ``True``: on CPUs, and XLA's convolutions
+      where a program runs elsewhere (``conv_function``). They
       are ``custom_vjp`` functions, so forward-mode autodiff (``jax.jvp``)
       needs ``False``. XLA:CPU splits matmuls by the number of devices in
       the process, so their rounding differs between, say, 2 and 4 local

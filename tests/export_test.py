@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from darknet53_jax import export
+from darknet53_jax import model as model_lib
 from darknet53_jax import predict
 from tests import conftest
 
@@ -125,6 +126,22 @@ def test_image_size_overrides_the_eval_size(tiny_checkpoint, tmp_path):
       (tmp_path / export.STABLEHLO_FILE).read_bytes())
   assert exported.in_avals[0].shape == (1, 64, 64, 3)
   assert exported.out_avals[0].shape == (1, 10)
+
+
+def test_other_platforms_get_xla_convolutions():
+  """A model built on CPUs exports its CPU convolutions (1x1 ones and
+  Winograd's as matmuls) for CPUs, and XLA's for the other platforms."""
+  model = model_lib.Darknet53(num_classes=3, width_multiplier=0.125,
+                              stage_depths=(1, 1, 1, 1, 1))
+  variables = conftest.random_variables(model, 32)
+
+  def matmuls(platforms):
+    exported = jax.export.deserialize(export.export_stablehlo(
+        model, variables, 1, 32, platforms))
+    return exported.mlir_module().count('stablehlo.dot_general')
+
+  assert matmuls(('cuda',)) == matmuls(('tpu',)) == 1  # The classifier's.
+  assert matmuls(('cpu',)) > 1
 
 
 @pytest.mark.parametrize('value', ['0', '-1', 'two', ''])
