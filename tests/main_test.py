@@ -157,7 +157,7 @@ def test_best_checkpoint_is_kept_beside_the_latest(digits_data_dir,
       (tmp_path / 'export' / export.STABLEHLO_FILE).read_bytes())
   images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(
       np.float32)
-  model = export.inference_function(build.create_model(config))
+  model = jax.jit(export.inference_function(build.create_model(config)))
   logits = {name: model(checkpoints.load_variables(str(path)), images)
             for name, path in (('best', workdir / 'best'),
                                ('latest', workdir))}

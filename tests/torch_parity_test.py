@@ -142,7 +142,7 @@ def _jax_train(config, variables, batches, devices):
   state = jax.device_put(
       run.state.replace(step=np.zeros((), run.state.step.dtype),
                         params=params, batch_stats=stats,
-                        opt_state=run.state.tx.init(params)),
+                        opt_state=jax.jit(run.state.tx.init)(params)),
       sharding.replicated(mesh))
   losses, rates, after = [], [], []
   for batch in batches:

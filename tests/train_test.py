@@ -297,9 +297,9 @@ def test_frozen_backbone_trains_the_head_on_running_statistics():
   conftest.assert_trees_equal(after, before)  # Weight decay included.
   assert conftest.max_relative_difference(head_after, head_before) > 0
   # The step's forward pass is the eval-mode one.
-  logits = run.model.apply({**before, 'params': {**before['params'],
-                                                 'head': head_before}},
-                           steps.image_normalizer(config)(batch['image']))
+  logits = jax.jit(run.model.apply)(
+      {**before, 'params': {**before['params'], 'head': head_before}},
+      steps.image_normalizer(config)(batch['image']))
   loss = optim.cross_entropy(logits, batch['label'],
                              config.label_smoothing).mean()
   np.testing.assert_allclose(metrics['loss'], loss, rtol=1e-5)
