@@ -6,6 +6,7 @@ The training loop, the tests and the benchmarks all build their runs here, so
 what they measure is what ``main`` trains.
 """
 
+import concurrent.futures
 import dataclasses
 import functools
 from typing import Callable
@@ -30,6 +31,13 @@ INIT_SIZE = 32
 _QUICK_CPU_COMPILE = {'xla_backend_optimization_level': 0,
                       'xla_cpu_use_fusion_emitters': False,
                       'xla_llvm_disable_expensive_passes': True}
+
+
+# Initialisation programs compiling in the background, by (model, mesh)
+# (``start_compiling_init``); ``_Programs`` takes them over.
+_BACKGROUND = concurrent.futures.ThreadPoolExecutor(
+    max_workers=1, thread_name_prefix='compile_init')
+_STARTED_INITS: dict[tuple, concurrent.futures.Future] = {}
 
 
 def create_model(config: ml_collections.ConfigDict) -> model_lib.Darknet53:
@@ -87,6 +95,37 @@ def create_train_state(variables: dict, config: ml_collections.ConfigDict,
   return state
 
 
+def _compile_options(mesh: Mesh) -> dict | None:
+  """For programs that run once: on CPUs, XLA's lowest optimisation level
+  compiles them several times faster and moves the random values by at
+  most one float32 ulp, and without the fusion emitters and LLVM's
+  expensive passes faster still, to the same values (docs/performance.md)."""
+  return _QUICK_CPU_COMPILE if mesh.devices.flat[0].platform == 'cpu' else None
+
+
+def _compile_init_variables(model: model_lib.Darknet53, mesh: Mesh):
+  """``init_variables`` of ``model``, compiled to arrays replicated over
+  ``mesh``: (a key on the default device) -> variables."""
+  rng = jax.random.key(0)  # Its shape, dtype and placement; not its value.
+  return jax.jit(functools.partial(init_variables, model=model),
+                 out_shardings=sharding.replicated(mesh)).lower(rng).compile(
+                     _compile_options(mesh))
+
+
+def start_compiling_init(config: ml_collections.ConfigDict,
+                         mesh: Mesh) -> None:
+  """Begins compiling the initialisation of ``config``'s model on ``mesh``
+  in a background thread, for ``training`` to take over: ``main`` imports
+  TensorFlow meanwhile (XLA compiles without Python's lock).
+
+  The compile does not see the caller's thread-local JAX settings
+  (``jax.enable_x64`` and other contexts): call it outside them.
+  """
+  model = create_model(config)
+  _STARTED_INITS[(model, mesh)] = _BACKGROUND.submit(
+      _compile_init_variables, model, mesh)
+
+
 @dataclasses.dataclass(frozen=True)
 class Training:
   """What a training run needs besides its data.
@@ -118,8 +157,6 @@ class _Programs:
                                                         steps_per_epoch)
     self.train_step = steps.make_train_step(mesh, config, self.schedule)
     self.eval_step = steps.make_eval_step(mesh, config)
-    self._init_variables = functools.partial(init_variables,
-                                             model=self.model)
     self._create_state = functools.partial(
         create_train_state, config=config, model=self.model,
         tx=optim.create_optimizer(config, self.schedule))
@@ -128,21 +165,17 @@ class _Programs:
 
   @functools.cached_property
   def _compiled_init(self):
-    """The initial variables, then the state around them, each jitted to
+    """The initial variables, then the state around them, each compiled to
     arrays replicated over the mesh (two programs: the first, all of init's
     compile time, is shared by configs of one architecture)."""
-    # They run once per run: on CPUs, XLA's lowest optimisation level
-    # compiles them several times faster and moves the random values by at
-    # most one float32 ulp, and without the fusion emitters and LLVM's
-    # expensive passes faster still, to the same values (docs/performance.md).
-    on_cpu = self._mesh.devices.flat[0].platform == 'cpu'
-    options = _QUICK_CPU_COMPILE if on_cpu else None
-    replicated = sharding.replicated(self._mesh)
-    init_variables = jax.jit(self._init_variables, out_shardings=replicated)
-    create_state = jax.jit(self._create_state, out_shardings=replicated,
+    started = _STARTED_INITS.pop((self.model, self._mesh), None)
+    variables = (started.result() if started else
+                 _compile_init_variables(self.model, self._mesh))
+    create_state = jax.jit(self._create_state,
+                           out_shardings=sharding.replicated(self._mesh),
                            donate_argnums=0)
-    variables = init_variables.lower(self._rng).compile(options)
-    state = create_state.lower(variables.out_info).compile(options)
+    state = create_state.lower(variables.out_info).compile(
+        _compile_options(self._mesh))
     return lambda rng: state(variables(rng))
 
   def initial_state(self) -> steps.TrainState:
@@ -156,7 +189,7 @@ class _Programs:
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
         jax.eval_shape(lambda rng: self._create_state(
-            self._init_variables(rng)), self._rng))
+            init_variables(rng, self.model)), self._rng))
 
 
 # A few configs' worth: a notebook or a test session that reruns a config

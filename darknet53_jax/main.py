@@ -20,11 +20,13 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from darknet53_jax import build
 from darknet53_jax import config_lib
 from darknet53_jax import distributed
 from darknet53_jax import errors
 from darknet53_jax import preemption
 from darknet53_jax import runtime
+from darknet53_jax import sharding
 # pylint: enable=g-import-not-at-top,wrong-import-position,g-bad-import-order
 
 FLAGS = flags.FLAGS
@@ -86,9 +88,12 @@ def main(argv):
                jax.default_backend())
   try:
     # Mistakes in the config or the workdir are reported before the seconds
-    # of importing TensorFlow (the input pipeline) and orbax.
+    # of importing TensorFlow (the input pipeline) and orbax, during which
+    # the initialisation compiles.
     config_lib.validate(config, jax.device_count(), jax.process_count())
     config_lib.check_workdir_writable(FLAGS.workdir)
+    if not FLAGS.eval_only and config.num_classes > 0:
+      build.start_compiling_init(config, sharding.create_mesh())
     from darknet53_jax import train_loop  # pylint: disable=g-import-not-at-top
     if FLAGS.eval_only:
       train_loop.evaluate_checkpoint(config, FLAGS.workdir,

@@ -46,3 +46,24 @@ def test_an_equal_config_reuses_the_steps_with_a_fresh_state():
   again.train_step(again.state, batch)
   _, changed = _tiny_run(learning_rate=0.2)
   assert changed.train_step is not first.train_step
+
+
+def test_an_initialisation_compiled_in_the_background_is_taken_over(
+    monkeypatch):
+  config = conftest.tiny_config()
+  config.num_classes = 7  # A model that no other test builds.
+  mesh = sharding.create_mesh(jax.devices()[:1])
+  compiled = []
+  compile_init = build._compile_init_variables  # pylint: disable=protected-access
+  monkeypatch.setattr(build, '_compile_init_variables',
+                      lambda *args: compiled.append(args) or compile_init(
+                          *args))
+  build.start_compiling_init(config, mesh)
+  background = build.training(config, mesh, steps_per_epoch=3)
+  assert len(compiled) == 1
+  # Another epoch length: other programs, whose init compiles in the
+  # foreground, to the same values.
+  foreground = build.training(config, mesh, steps_per_epoch=4)
+  assert len(compiled) == 2
+  conftest.assert_trees_equal(jax.device_get(background.state.variables()),
+                              jax.device_get(foreground.state.variables()))
