@@ -61,18 +61,18 @@ def create_model(config: ml_collections.ConfigDict) -> model_lib.Darknet53:
       cpu_matmul_convs=m.cpu_matmul_convs)
 
 
-def init_variables(rng: jax.Array, model: model_lib.Darknet53) -> dict:
-  """The model's initial ``{'params', 'batch_stats'}``.
+def _initialising_copy(model: model_lib.Darknet53) -> model_lib.Darknet53:
+  """The copy of ``model`` that computes its initial variables: float32, XLA's
+  convolutions, per-device BatchNorm. The variables depend on the
+  architecture and initialisers alone, so runs that differ only in dtype,
+  BatchNorm axis or convolutions (or in the optimiser) share its program."""
+  return model.clone(dtype=jnp.float32, bn_axis_name=None,
+                     cpu_matmul_convs=False)
 
-  They depend on its architecture and initialisers alone, so a float32 copy
-  with XLA's convolutions and per-device BatchNorm computes them: this
-  program is then the same whatever the run's dtype, BatchNorm axis and
-  convolutions, and runs that differ only in those (or in the optimiser)
-  share its compilation through the cache.
-  """
-  model = model.clone(dtype=jnp.float32, bn_axis_name=None,
-                      cpu_matmul_convs=False)
-  return model.init(
+
+def init_variables(rng: jax.Array, model: model_lib.Darknet53) -> dict:
+  """The model's initial ``{'params', 'batch_stats'}``."""
+  return _initialising_copy(model).init(
       rng, jnp.zeros((1, INIT_SIZE, INIT_SIZE, 3), jnp.float32), train=False)
 
 
@@ -103,9 +103,11 @@ def _compile_options(mesh: Mesh) -> dict | None:
   return _QUICK_CPU_COMPILE if mesh.devices.flat[0].platform == 'cpu' else None
 
 
+@functools.lru_cache(maxsize=8)
 def _compile_init_variables(model: model_lib.Darknet53, mesh: Mesh):
-  """``init_variables`` of ``model``, compiled to arrays replicated over
-  ``mesh``: (a key on the default device) -> variables."""
+  """``init_variables`` of ``model`` (an ``_initialising_copy``: the key of
+  this per-process cache), compiled to arrays replicated over ``mesh``:
+  (a key on the default device) -> variables."""
   rng = jax.random.key(0)  # Its shape, dtype and placement; not its value.
   return jax.jit(functools.partial(init_variables, model=model),
                  out_shardings=sharding.replicated(mesh)).lower(rng).compile(
@@ -121,7 +123,7 @@ def start_compiling_init(config: ml_collections.ConfigDict,
   The compile does not see the caller's thread-local JAX settings
   (``jax.enable_x64`` and other contexts): call it outside them.
   """
-  model = create_model(config)
+  model = _initialising_copy(create_model(config))
   _STARTED_INITS[(model, mesh)] = _BACKGROUND.submit(
       _compile_init_variables, model, mesh)
 
@@ -167,10 +169,12 @@ class _Programs:
   def _compiled_init(self):
     """The initial variables, then the state around them, each compiled to
     arrays replicated over the mesh (two programs: the first, all of init's
-    compile time, is shared by configs of one architecture)."""
-    started = _STARTED_INITS.pop((self.model, self._mesh), None)
+    compile time, is shared by the runs of one architecture in a
+    process)."""
+    model = _initialising_copy(self.model)
+    started = _STARTED_INITS.pop((model, self._mesh), None)
     variables = (started.result() if started else
-                 _compile_init_variables(self.model, self._mesh))
+                 _compile_init_variables(model, self._mesh))
     create_state = jax.jit(self._create_state,
                            out_shardings=sharding.replicated(self._mesh),
                            donate_argnums=0)

@@ -48,22 +48,20 @@ def test_an_equal_config_reuses_the_steps_with_a_fresh_state():
   assert changed.train_step is not first.train_step
 
 
-def test_an_initialisation_compiled_in_the_background_is_taken_over(
-    monkeypatch):
+def test_runs_of_one_architecture_share_one_compiled_initialisation():
   config = conftest.tiny_config()
   config.num_classes = 7  # A model that no other test builds.
   mesh = sharding.create_mesh(jax.devices()[:1])
-  compiled = []
-  compile_init = build._compile_init_variables  # pylint: disable=protected-access
-  monkeypatch.setattr(build, '_compile_init_variables',
-                      lambda *args: compiled.append(args) or compile_init(
-                          *args))
+  compiles = build._compile_init_variables.cache_info  # pylint: disable=protected-access
+  before = compiles()
   build.start_compiling_init(config, mesh)
   background = build.training(config, mesh, steps_per_epoch=3)
-  assert len(compiled) == 1
-  # Another epoch length: other programs, whose init compiles in the
-  # foreground, to the same values.
-  foreground = build.training(config, mesh, steps_per_epoch=4)
-  assert len(compiled) == 2
+  assert compiles().misses == before.misses + 1
+  assert not build._STARTED_INITS  # pylint: disable=protected-access
+  # Other dtype, optimiser and epoch length: the same initialisation.
+  config.update(dtype='bfloat16', optimizer='adamw')
+  other = build.training(config, mesh, steps_per_epoch=4)
+  assert compiles().misses == before.misses + 1
+  assert compiles().hits == before.hits + 1
   conftest.assert_trees_equal(jax.device_get(background.state.variables()),
-                              jax.device_get(foreground.state.variables()))
+                              jax.device_get(other.state.variables()))
