@@ -59,8 +59,12 @@ CASES = [(1, 1, 12, 6), (3, 1, 12, 6), (3, 2, 12, 6),
          (3, 1, 5, conv.WINOGRAD_MIN_FEATURES)]
 
 
+@pytest.mark.parametrize('conv_fn', [conv.conv_general_dilated,
+                                     conv.cpu_conv_general_dilated],
+                         ids=['portable', 'cpu_only'])
 @pytest.mark.parametrize('size, strides, side, features', CASES)
-def test_values_and_gradients_equal_xla(size, strides, side, features):
+def test_values_and_gradients_equal_xla(size, strides, side, features,
+                                        conv_fn):
   rng = np.random.default_rng(size + strides + side)
   x = _normal(rng, 3, side, side, features)
   kernel = _normal(rng, size, size, features, features + 1)
@@ -73,8 +77,8 @@ def test_values_and_gradients_equal_xla(size, strides, side, features):
         lambda x, kernel: _apply(conv_fn, x, kernel, strides), x, kernel)
     return (y, *vjp(dy))
 
-  ours = jax.jit(functools.partial(value_and_gradients,
-                                   conv.conv_general_dilated))(x, kernel, dy)
+  ours = jax.jit(functools.partial(value_and_gradients, conv_fn))(
+      x, kernel, dy)
   reference = _in_float64(functools.partial(
       value_and_gradients, lax.conv_general_dilated), x, kernel, dy)
   for name, a, b in zip(('output', 'input gradient', 'kernel gradient'),
