@@ -65,3 +65,9 @@ def test_runs_of_one_architecture_share_one_compiled_initialisation():
   assert compiles().hits == before.hits + 1
   conftest.assert_trees_equal(jax.device_get(background.state.variables()),
                               jax.device_get(other.state.variables()))
+  # The background program computes what init_variables jitted here does.
+  direct = jax.jit(build.init_variables, static_argnums=1)(
+      jax.random.key(config.seed), build.create_model(config))
+  assert conftest.max_relative_difference(
+      jax.device_get(background.state.variables()),
+      jax.device_get(direct)) < 1e-6
