@@ -7,7 +7,11 @@ lowered for several, as an export is); ``cpu_conv_general_dilated`` is for
 programs that run on CPUs only, and traces without the other platforms'
 branches. On CPUs (measured in docs/performance.md):
 
-- a 1x1 convolution is the matmul it is, forward and backward;
+- kernel taps that read only padding are dropped (a 3x3 kernel on a 1x1
+  map, or at stride 2 on a 2x2 one: the last stages at small image sizes),
+  which XLA's convolution computes slowly on zeros;
+- a 1x1 convolution is the matmul it is, forward and backward, and so is
+  one whose single window covers the whole unpadded map;
 - a float32 3x3 stride-1 convolution with at least
   ``WINOGRAD_MIN_FEATURES`` input and output features runs as Winograd's
   F(2x2, 3x3): 16 batched matmuls with 2.25 times fewer multiplications
@@ -198,52 +202,32 @@ def _im2col_conv(x, kernel, strides, padding):
   return patches @ kernel.reshape(height * width * in_features, out_features)
 
 
-def _on_cpus(portable, *args, cpu, default):
-  """``cpu(*args)``; if ``portable``, only where the program runs on CPUs and
-  ``default(*args)`` elsewhere."""
-  if not portable:
-    return cpu(*args)
-  return lax.platform_dependent(*args, cpu=cpu, default=default)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv(x, kernel, strides, padding, dimension_numbers):
+  """The convolution and its gradients on CPUs, as the module says."""
+  if _uses_winograd(x, kernel, strides, padding):
+    return _winograd_conv(x, kernel)
+  return _lax_conv(x, kernel, strides, padding, dimension_numbers)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _conv(x, kernel, strides, padding, dimension_numbers, portable):
-  lax_conv = functools.partial(_lax_conv, strides=strides, padding=padding,
-                               dimension_numbers=dimension_numbers)
-  if not _uses_winograd(x, kernel, strides, padding):
-    return lax_conv(x, kernel)
-  return _on_cpus(portable, x, kernel, cpu=_winograd_conv, default=lax_conv)
-
-
-def _conv_forward(x, kernel, strides, padding, dimension_numbers, portable):
-  y = _conv(x, kernel, strides, padding, dimension_numbers, portable)
+def _conv_forward(x, kernel, strides, padding, dimension_numbers):
+  y = _conv(x, kernel, strides, padding, dimension_numbers)
   return y, (x, kernel)
 
 
-def _conv_backward(strides, padding, dimension_numbers, portable, residuals,
-                   dy):
-  """XLA's gradients on other platforms; on CPUs, as the module says."""
+def _conv_backward(strides, padding, dimension_numbers, residuals, dy):
   x, kernel = residuals
+  if _uses_winograd(x, kernel, strides, padding):
+    # A stride-1 'SAME' 3x3 convolution's input gradient is the same
+    # convolution of dy with the kernel flipped and its features swapped.
+    return (_winograd_conv(dy, kernel, transposed=True),
+            _winograd_kernel_gradient(x, kernel, dy))
   lax_conv = functools.partial(_lax_conv, strides=strides, padding=padding,
                                dimension_numbers=dimension_numbers)
-
-  def xla_gradients(x, kernel, dy):
-    return (_input_gradient(lax_conv, x, kernel, dy),
-            _kernel_gradient(lax_conv, x, kernel, dy))
-
-  def cpu_gradients(x, kernel, dy):
-    if _uses_winograd(x, kernel, strides, padding):
-      # A stride-1 'SAME' 3x3 convolution's input gradient is the same
-      # convolution of dy with the kernel flipped and its features swapped.
-      return (_winograd_conv(dy, kernel, transposed=True),
-              _winograd_kernel_gradient(x, kernel, dy))
-    im2col_conv = functools.partial(_im2col_conv, strides=strides,
-                                    padding=padding)
-    return (_input_gradient(lax_conv, x, kernel, dy),
-            _kernel_gradient(im2col_conv, x, kernel, dy))
-
-  return _on_cpus(portable, x, kernel, dy, cpu=cpu_gradients,
-                  default=xla_gradients)
+  im2col_conv = functools.partial(_im2col_conv, strides=strides,
+                                  padding=padding)
+  return (_input_gradient(lax_conv, x, kernel, dy),
+          _kernel_gradient(im2col_conv, x, kernel, dy))
 
 
 _conv.defvjp(_conv_forward, _conv_backward)
@@ -251,6 +235,50 @@ _conv.defvjp(_conv_forward, _conv_backward)
 
 def _pointwise_matmul(x, kernel):
   return lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def _without_unread_taps(x, kernel, strides, padding):
+  """``(kernel, padding)`` for the same windows of NHWC ``x``, without the
+  kernel taps that read only padding (a 3x3 kernel on a 1x1 map, or at
+  stride 2 on a 2x2 one): they multiply zeros."""
+  new_padding = []
+  for axis, (stride, (low, high)) in enumerate(zip(strides, padding)):
+    size, taps = x.shape[1 + axis], kernel.shape[axis]
+    outputs = (size + low + high - taps) // stride + 1
+    read = [tap for tap in range(taps) if any(
+        0 <= stride * i + tap - low < size for i in range(outputs))]
+    if not read or (read[0], read[-1]) == (0, taps - 1):
+      new_padding.append((low, high))
+      continue
+    first, last = read[0], read[-1]
+    kernel = lax.slice_in_dim(kernel, first, last + 1, axis=axis)
+    low -= first
+    # Only as much high padding as the last window reaches.
+    high = max(0, stride * (outputs - 1) + last + 1 - first - low - size)
+    new_padding.append((low, high))
+  return kernel, tuple(new_padding)
+
+
+def _dense_matmul(x, kernel):
+  """A convolution whose one window is all of ``x``: one matmul."""
+  y = x.reshape(x.shape[0], -1) @ kernel.reshape(-1, kernel.shape[-1])
+  return y.reshape(x.shape[0], 1, 1, -1)
+
+
+def _cpu_conv(x, kernel, strides, padding, dimension_numbers):
+  """The convolution on CPUs: a matmul where one does it, else ``_conv``'s.
+
+  On the small maps of the last stages (at the quick start's 32 px: 1x1 and
+  2x2), the taps that read only padding go first; a 1x1 kernel is then a
+  matmul per position, and a window over the whole unpadded map one matmul.
+  """
+  kernel, padding = _without_unread_taps(x, kernel, strides, padding)
+  unpadded = padding == ((0, 0), (0, 0))
+  if unpadded and kernel.shape[:2] == x.shape[1:3]:
+    return _dense_matmul(x, kernel)
+  if unpadded and kernel.shape[:2] == (1, 1) and strides == (1, 1):
+    return _pointwise_matmul(x, kernel)
+  return _conv(x, kernel, strides, padding, dimension_numbers)
 
 
 def _conv_general_dilated(x, kernel, strides, padding, lhs_dilation,
@@ -268,13 +296,13 @@ def _conv_general_dilated(x, kernel, strides, padding, lhs_dilation,
     raise NotImplementedError('Only undilated, ungrouped NHWC/HWIO '
                               'convolutions at the default precision.')
   strides, padding = tuple(strides), tuple(map(tuple, padding))
-  if kernel.shape[:2] == (1, 1) and strides == (1, 1) and padding == (
-      (0, 0), (0, 0)):
-    return _on_cpus(portable, x, kernel, cpu=_pointwise_matmul,
-                    default=functools.partial(
-                        _lax_conv, strides=strides, padding=padding,
-                        dimension_numbers=dimension_numbers))
-  return _conv(x, kernel, strides, padding, dimension_numbers, portable)
+  cpu_conv = functools.partial(_cpu_conv, strides=strides, padding=padding,
+                               dimension_numbers=dimension_numbers)
+  if not portable:
+    return cpu_conv(x, kernel)
+  return lax.platform_dependent(x, kernel, cpu=cpu_conv, default=functools.partial(
+      _lax_conv, strides=strides, padding=padding,
+      dimension_numbers=dimension_numbers))
 
 
 conv_general_dilated = functools.partial(_conv_general_dilated, portable=True)

@@ -52,11 +52,13 @@ def _apply(conv_fn, x, kernel, strides):
 
 
 # (kernel size, stride, side, features): the 1x1 matmul, the im2col kernel
-# gradient (3x3 at either stride, narrow) and Winograd (3x3 stride 1, at
-# least WINOGRAD_MIN_FEATURES wide; odd and even sides).
+# gradient (3x3 at either stride, narrow), Winograd (3x3 stride 1, at least
+# WINOGRAD_MIN_FEATURES wide; odd and even sides) and the maps where taps
+# read only padding (1x1 at either stride; 2x2 at stride 2).
 CASES = [(1, 1, 12, 6), (3, 1, 12, 6), (3, 2, 12, 6),
          (3, 1, 4, conv.WINOGRAD_MIN_FEATURES),
-         (3, 1, 5, conv.WINOGRAD_MIN_FEATURES)]
+         (3, 1, 5, conv.WINOGRAD_MIN_FEATURES),
+         (3, 1, 1, conv.WINOGRAD_MIN_FEATURES), (3, 2, 1, 6), (3, 2, 2, 6)]
 
 
 @pytest.mark.parametrize('conv_fn', [conv.conv_general_dilated,
@@ -150,6 +152,30 @@ def test_winograd_is_used_for_wide_float32_3x3_stride_1_only():
   assert not uses(x[..., 1:], (3, 3, wide - 1, wide))
   assert not uses(x, (3, 3, wide, wide), strides=(2, 2))
   assert not uses(x, (1, 1, wide, wide), padding=((0, 0),) * 2)
+
+
+@pytest.mark.parametrize('side, strides, kept_taps', [
+    (1, 1, 1), (1, 2, 1), (2, 2, 2), (2, 1, 3), (3, 2, 3), (4, 2, 3)])
+def test_taps_that_read_only_padding_are_dropped(side, strides, kept_taps):
+  x = jnp.zeros((2, side, side, 4))
+  kernel, padding = conv._without_unread_taps(
+      x, jnp.zeros((3, 3, 4, 5)), (strides, strides), ((1, 1), (1, 1)))
+  assert kernel.shape == (kept_taps, kept_taps, 4, 5)
+  # The same windows: as many outputs as the 3x3 'SAME' convolution gives.
+  assert lax.conv_general_dilated(
+      x, kernel, (strides, strides), padding,
+      dimension_numbers=conv.NHWC_HWIO).shape[1] == -(-side // strides)
+
+
+@pytest.mark.parametrize('side, strides', [(1, 1), (2, 2)])
+def test_a_window_over_the_whole_map_is_one_matmul(side, strides):
+  x = jnp.zeros((2, side, side, 4))
+  kernel = jnp.zeros((3, 3, 4, 5))
+  program = jax.make_jaxpr(lambda x, kernel: _apply(
+      conv.cpu_conv_general_dilated, x, kernel, strides))(x, kernel)
+  primitives = {e.primitive.name for e in program.jaxpr.eqns}
+  assert 'dot_general' in primitives
+  assert 'conv_general_dilated' not in primitives
 
 
 def test_darknet53_logits_and_gradients_equal_xla_convolutions():
