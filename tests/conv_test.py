@@ -58,7 +58,8 @@ def _apply(conv_fn, x, kernel, strides):
 CASES = [(1, 1, 12, 6), (3, 1, 12, 6), (3, 2, 12, 6),
          (3, 1, 4, conv.WINOGRAD_MIN_FEATURES),
          (3, 1, 5, conv.WINOGRAD_MIN_FEATURES),
-         (3, 1, 1, conv.WINOGRAD_MIN_FEATURES), (3, 2, 1, 6), (3, 2, 2, 6)]
+         (3, 1, 1, conv.WINOGRAD_MIN_FEATURES), (3, 2, 1, 6), (3, 2, 2, 6),
+         (3, 2, 7, 6)]
 
 
 @pytest.mark.parametrize('conv_fn', [conv.conv_general_dilated,
