@@ -296,13 +296,13 @@ def _conv_general_dilated(x, kernel, strides, padding, lhs_dilation,
     raise NotImplementedError('Only undilated, ungrouped NHWC/HWIO '
                               'convolutions at the default precision.')
   strides, padding = tuple(strides), tuple(map(tuple, padding))
-  cpu_conv = functools.partial(_cpu_conv, strides=strides, padding=padding,
-                               dimension_numbers=dimension_numbers)
+  cpu_conv, lax_conv = (
+      functools.partial(conv, strides=strides, padding=padding,
+                        dimension_numbers=dimension_numbers)
+      for conv in (_cpu_conv, _lax_conv))
   if not portable:
     return cpu_conv(x, kernel)
-  return lax.platform_dependent(x, kernel, cpu=cpu_conv, default=functools.partial(
-      _lax_conv, strides=strides, padding=padding,
-      dimension_numbers=dimension_numbers))
+  return lax.platform_dependent(x, kernel, cpu=cpu_conv, default=lax_conv)
 
 
 conv_general_dilated = functools.partial(_conv_general_dilated, portable=True)
