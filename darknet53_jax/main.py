@@ -4,12 +4,17 @@ r"""Trains or evaluates Darknet-53.
       [--config.KEY=VALUE ...] [--eval_only] [--checkpoint=PATH] [--ema]
 """
 
+import gc
 import sys
 
 from darknet53_jax import allocator
 
 if __name__ == '__main__':
   allocator.restart_with_fast_allocator()  # Before the slow imports below.
+  # Each full collection would scan every object imported so far, more each
+  # time: on again once the libraries are in
+  # (``runtime.exempt_imports_from_collection``).
+  gc.disable()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position,g-bad-import-order
 import logging as logging_std
@@ -95,6 +100,7 @@ def main(argv):
     if not FLAGS.eval_only and config.num_classes > 0:
       build.start_compiling_init(config, sharding.create_mesh())
     from darknet53_jax import train_loop  # pylint: disable=g-import-not-at-top
+    runtime.exempt_imports_from_collection()
     if FLAGS.eval_only:
       train_loop.evaluate_checkpoint(config, FLAGS.workdir,
                                      FLAGS.checkpoint, FLAGS.ema)
