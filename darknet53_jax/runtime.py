@@ -79,9 +79,10 @@ def configure(config: ml_collections.ConfigDict) -> None:
 
 
 def exempt_imports_from_collection() -> None:
-  """Moves every object alive now out of the cyclic garbage collector's
-  later scans (``gc.freeze``), and turns the collector on (``main`` turns it
-  off while it imports); call once the libraries are imported.
+  """With the collector off (``main`` turns it off while it imports), moves
+  every object alive now out of its later scans (``gc.freeze``) and turns it
+  on; with the collector on, as in a process that imported ``main`` (a
+  test), does nothing.
 
   TensorFlow, JAX and their kin import about half a million objects. Each
   full collection would scan them all again (up to 0.2 s; seven during the
@@ -91,8 +92,9 @@ def exempt_imports_from_collection() -> None:
   the imports, not worth the 0.3 s of a collection to free) stay until the
   exit.
   """
-  gc.freeze()
-  gc.enable()
+  if not gc.isenabled():
+    gc.freeze()
+    gc.enable()
 
 
 def seconds_since_process_start() -> float:
