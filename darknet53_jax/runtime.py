@@ -88,8 +88,8 @@ def exempt_imports_from_collection() -> None:
   full collection would scan them all again (up to 0.2 s; seven during the
   imports alone), and so would the one at exit (over a second). Objects
   made later are collected as usual, and reference counting still frees the
-  exempt ones; only garbage cycles among them (about 4,000 objects after
-  the imports, not worth the 0.3 s of a collection to free) stay until the
+  exempt ones; only garbage cycles among them (about 4,000 objects in
+  ``main``, not worth the 0.4 s of a collection to free) stay until the
   exit.
   """
   if not gc.isenabled():
