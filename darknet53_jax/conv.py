@@ -20,7 +20,11 @@ branches. On CPUs (measured in docs/performance.md):
   matmuls;
 - any other convolution's kernel gradient is the transpose of one matmul of
   image patches (im2col), where XLA emits a slow convolution over the whole
-  feature map.
+  feature map;
+- with the ``onednn`` extra installed, a bfloat16 convolution and its
+  gradients are oneDNN's primitives (``onednn.py``), which use AMX where
+  the CPU has it; ``cpu_conv_general_dilated`` only, as exports run
+  without the handlers.
 
 XLA:CPU compiles each loop it cannot fuse into a kernel of its own, and
 compiling them is most of a train step's compile time: the patches and
@@ -34,6 +38,8 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 import numpy as np
+
+from darknet53_jax import onednn
 
 # What ``nn.Conv`` passes for NHWC inputs and HWIO kernels.
 NHWC_HWIO = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
@@ -265,14 +271,17 @@ def _dense_matmul(x, kernel):
   return y.reshape(x.shape[0], 1, 1, -1)
 
 
-def _cpu_conv(x, kernel, strides, padding, dimension_numbers):
-  """The convolution on CPUs: a matmul where one does it, else ``_conv``'s.
+def _cpu_conv(x, kernel, strides, padding, dimension_numbers, with_onednn):
+  """The convolution on CPUs: oneDNN's, a matmul, or else ``_conv``'s.
 
-  On the small maps of the last stages (at the quick start's 32 px: 1x1 and
+  bfloat16 convolutions are oneDNN's where it is installed (float32 ones
+  gain nothing from it: docs/performance.md). On the small maps of the last stages (at the quick start's 32 px: 1x1 and
   2x2), the taps that read only padding go first; a 1x1 kernel is then a
   matmul per position, and a window over the whole unpadded map one matmul.
   """
   kernel, padding = _without_unread_taps(x, kernel, strides, padding)
+  if with_onednn and x.dtype == jnp.bfloat16 and onednn.takes(x, kernel):
+    return onednn.conv(x, kernel, strides, padding)
   unpadded = padding == ((0, 0), (0, 0))
   if unpadded and kernel.shape[:2] == x.shape[1:3]:
     return _dense_matmul(x, kernel)
@@ -296,10 +305,11 @@ def _conv_general_dilated(x, kernel, strides, padding, lhs_dilation,
     raise NotImplementedError('Only undilated, ungrouped NHWC/HWIO '
                               'convolutions at the default precision.')
   strides, padding = tuple(strides), tuple(map(tuple, padding))
-  cpu_conv, lax_conv = (
-      functools.partial(conv, strides=strides, padding=padding,
-                        dimension_numbers=dimension_numbers)
-      for conv in (_cpu_conv, _lax_conv))
+  lax_conv = functools.partial(_lax_conv, strides=strides, padding=padding,
+                               dimension_numbers=dimension_numbers)
+  cpu_conv = functools.partial(_cpu_conv, strides=strides, padding=padding,
+                               dimension_numbers=dimension_numbers,
+                               with_onednn=not portable)
   if not portable:
     return cpu_conv(x, kernel)
   return lax.platform_dependent(x, kernel, cpu=cpu_conv, default=lax_conv)

@@ -187,10 +187,11 @@ def test_programs_hold_no_cpu_only_calls(four_device_results):
 
 def test_float16_step_on_four_devices_matches_one(four_device_results):
   # The first step's update, as a norm over all params: the two runs round
-  # float16 partial results in other orders. Measured 2.3e-2 here (AMD EPYC,
-  # optimised compiles): the tolerance is float16 rounding's, about twice
-  # that.
-  assert four_device_results['numerical']['update_difference'] < 5e-2
+  # float16 partial results in other orders. Measured 2.3e-2 on an AMD EPYC
+  # (AVX2) and 5.9e-2 on an Intel Xeon (AVX-512), optimised compiles: the
+  # tolerance is float16 rounding's, about twice the larger. A step that
+  # misses the 1/N scaling or the loss scale is off by 75% or more.
+  assert four_device_results['numerical']['update_difference'] < 0.12
 
 
 def test_float16_skips_no_more_steps_on_four_devices(four_device_results):

@@ -185,8 +185,14 @@ def test_darknet53_logits_and_gradients_equal_xla_convolutions():
   BatchNorm amplifies rounding where it normalises few values: at 2x2 final
   maps and 4 images, float32 (ours and XLA's alike) was 4e-2 away from
   float64 in early-layer gradients. At 128 px (4x4 final maps) and 8 images
-  both float32 paths were within 6e-6 of it (AMD EPYC): the tolerance is 8
-  times that, and a wrong convolution moves results by O(1).
+  both float32 paths were within 6e-6 of it on an AMD EPYC (AVX2). On an
+  Intel Xeon (AVX-512) ours was 3.6e-3 away in stages 0-1 (XLA's 6.7e-6):
+  its other rounding put one pre-activation (of 262,144 after stage 1's
+  3x3 convolution; counted) on the other side of a leaky ReLU's kink,
+  whose slope then differs by 0.9 there, and BatchNorm's backward spreads
+  that over every channel (with ReLU, at 64 px, or with 4 images, ours was
+  within 8.4e-6). The gradient tolerance allows one such flip; a wrong
+  convolution moves results by O(1).
   """
   images = _normal(np.random.default_rng(1), 8, 128, 128, 3)
 
@@ -212,7 +218,7 @@ def test_darknet53_logits_and_gradients_equal_xla_convolutions():
   leaves, _ = jax.tree_util.tree_flatten_with_path(grads)
   assert jax.tree.structure(grads) == jax.tree.structure(grads_64)
   for (path, g), g_64 in zip(leaves, jax.tree.leaves(grads_64), strict=True):
-    assert _relative_difference(g, g_64) < 5e-5, jax.tree_util.keystr(path)
+    assert _relative_difference(g, g_64) < 1e-2, jax.tree_util.keystr(path)
 
 
 def test_unsupported_convolutions_are_refused():
